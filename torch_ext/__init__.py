@@ -1,0 +1,31 @@
+"""fusedact: fused bias + activation kernels for PyTorch, written in Triton.
+
+    >>> import torch, fusedact
+    >>> x, b = torch.randn(4, 8), torch.randn(8)
+    >>> y = fusedact.gelu(x, bias=b)          # one read of x, one write of y
+    >>> layer = fusedact.nn.BiasAct(8, "silu")  # owns its bias
+
+CUDA tensors run the Triton kernels; CPU tensors run a PyTorch fallback with the same numerics.
+"""
+
+from . import functional, nn, ops
+from .functional import bias_act, gelu, leaky_relu, relu, silu, swiglu, swiglu_packed, swish
+from .ops import get_cpu_backend, set_cpu_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "bias_act",
+    "functional",
+    "gelu",
+    "get_cpu_backend",
+    "leaky_relu",
+    "nn",
+    "ops",
+    "relu",
+    "set_cpu_backend",
+    "silu",
+    "swiglu",
+    "swiglu_packed",
+    "swish",
+]

@@ -1,0 +1,154 @@
+"""Launchers for the Triton kernel templates: view tensors as [M, N] matrices, pick block shapes, launch.
+
+Same signatures as the fallback in ``_fallback.py``; ``ops.py`` chooses between the two per call.
+Empty tensors never reach this module.
+"""
+
+import functools
+
+import torch
+import triton
+from torch import Tensor
+
+from fusedact.kernels import (
+    ACTIVATIONS,
+    bias_act_bwd_kernel,
+    bias_act_fwd_kernel,
+    block_shape,
+    gated_bwd_kernel,
+    gated_fwd_kernel,
+    num_warps_for,
+)
+
+# Backward programs per SM: enough to hide memory latency, few enough that the partial bias sums stay
+# small next to the tensors themselves.
+PROGRAMS_PER_SM = 4
+# Under the interpreter each program is a Python loop: fewer, longer programs are faster.
+INTERPRETER_PROGRAMS = 8
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """``t`` as an [M, N] view (N = last dim) with whatever strides it has, or one copy if no view exists."""
+    num_cols = t.shape[-1] if t.dim() > 0 else 1
+    try:
+        return t.view(-1, num_cols)
+    except RuntimeError:  # leading dimensions that no single row stride can address
+        return t.reshape(-1, num_cols)
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
+def _row_groups(num_rows: int, num_cols: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(row_groups, rows_per_program) for a backward pass: split the rows so the grid fills the GPU."""
+    row_blocks = triton.cdiv(num_rows, block_m)
+    col_blocks = triton.cdiv(num_cols, block_n)
+    groups = max(1, min(row_blocks, triton.cdiv(_target_programs(device), col_blocks)))
+    blocks_per_group = triton.cdiv(row_blocks, groups)
+    return triton.cdiv(row_blocks, blocks_per_group), blocks_per_group * block_m
+
+
+def _activation_id(activation: str) -> int:
+    return ACTIVATIONS[activation][0]
+
+
+def bias_act(x: Tensor, bias: Tensor | None, activation: str, param: float) -> Tensor:
+    x2 = as_matrix(x)
+    num_rows, num_cols = x2.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block_m, block_n = block_shape(num_cols)
+    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
+    bias_act_fwd_kernel[grid](
+        x2, bias, y, num_rows, num_cols, x2.stride(0), x2.stride(1), param,
+        ACTIVATION=_activation_id(activation), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps_for(block_m, block_n),
+    )  # fmt: skip
+    return y
+
+
+def bias_act_backward(
+    grad_y: Tensor,
+    saved: Tensor,
+    bias: Tensor | None,
+    activation: str,
+    param: float,
+    saved_is_output: bool,
+    compute_grad_bias: bool,
+) -> tuple[Tensor, Tensor]:
+    grad_y2, saved2 = as_matrix(grad_y), as_matrix(saved)
+    num_rows, num_cols = saved2.shape
+    grad_x = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
+    compute_grad_bias = compute_grad_bias and bias is not None
+    block_m, block_n = block_shape(num_cols)
+    if compute_grad_bias:
+        row_groups, rows_per_program = _row_groups(num_rows, num_cols, block_m, block_n, saved.device)
+    else:
+        row_groups, rows_per_program = triton.cdiv(num_rows, block_m), block_m
+    partial = torch.empty((row_groups, num_cols), dtype=torch.float32, device=saved.device) if compute_grad_bias else None
+    grid = (row_groups * triton.cdiv(num_cols, block_n),)
+    bias_act_bwd_kernel[grid](
+        grad_y2, saved2, bias, grad_x, partial, num_rows, num_cols,
+        grad_y2.stride(0), grad_y2.stride(1), saved2.stride(0), saved2.stride(1), rows_per_program, param,
+        ACTIVATION=_activation_id(activation), SAVED_IS_OUTPUT=saved_is_output,
+        COMPUTE_GRAD_BIAS=compute_grad_bias, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps_for(block_m, block_n),
+    )  # fmt: skip
+    grad_bias = partial.sum(0).to(bias.dtype) if compute_grad_bias else saved.new_empty(0)
+    return grad_x, grad_bias
+
+
+def gated(
+    gate: Tensor, up: Tensor, gate_bias: Tensor | None, up_bias: Tensor | None, activation: str, param: float
+) -> Tensor:
+    gate2, up2 = as_matrix(gate), as_matrix(up)
+    num_rows, num_cols = gate2.shape
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    block_m, block_n = block_shape(num_cols)
+    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
+    gated_fwd_kernel[grid](
+        gate2, up2, gate_bias, up_bias, y, num_rows, num_cols,
+        gate2.stride(0), gate2.stride(1), up2.stride(0), up2.stride(1), param,
+        ACTIVATION=_activation_id(activation), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps_for(block_m, block_n),
+    )  # fmt: skip
+    return y
+
+
+def gated_backward_into(
+    grad_gate: Tensor,
+    grad_up: Tensor,
+    grad_y: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    gate_bias: Tensor | None,
+    up_bias: Tensor | None,
+    activation: str,
+    param: float,
+    compute_grad_bias: bool,
+) -> tuple[Tensor, Tensor] | None:
+    """Write gate/up gradients into ``grad_gate``/``grad_up`` ([M, N] views with column stride 1 and one
+    shared row stride: two separate buffers, or the halves of one packed buffer). Returns the fp32 partial
+    bias-gradient sums ``[row_groups, 2, N]`` (gate, up) when asked for."""
+    grad_y2, gate2, up2 = as_matrix(grad_y), as_matrix(gate), as_matrix(up)
+    num_rows, num_cols = gate2.shape
+    compute_grad_bias = compute_grad_bias and (gate_bias is not None or up_bias is not None)
+    block_m, block_n = block_shape(num_cols)
+    if compute_grad_bias:
+        row_groups, rows_per_program = _row_groups(num_rows, num_cols, block_m, block_n, gate.device)
+    else:
+        row_groups, rows_per_program = triton.cdiv(num_rows, block_m), block_m
+    partial = torch.empty((row_groups, 2, num_cols), dtype=torch.float32, device=gate.device) if compute_grad_bias else None
+    partial_gate, partial_up = (partial[:, 0], partial[:, 1]) if compute_grad_bias else (None, None)
+    grid = (row_groups * triton.cdiv(num_cols, block_n),)
+    gated_bwd_kernel[grid](
+        grad_y2, gate2, up2, gate_bias, up_bias, grad_gate, grad_up, partial_gate, partial_up,
+        num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), gate2.stride(0), gate2.stride(1),
+        up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols, rows_per_program, param,
+        ACTIVATION=_activation_id(activation), COMPUTE_GRAD_BIAS=compute_grad_bias,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
+    )  # fmt: skip
+    return partial.sum(0) if compute_grad_bias else None

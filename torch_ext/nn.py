@@ -1,0 +1,96 @@
+"""``nn.Module``s: drop-in twins of ``torch.nn`` activations, plus modules that own a fused bias.
+
+``ReLU``, ``LeakyReLU``, ``GELU`` and ``SiLU`` subclass their ``torch.nn`` twins: same constructor
+arguments, ``extra_repr``, (empty) ``state_dict`` and ``isinstance`` checks; only ``forward`` runs the
+fused kernel. ``inplace=True`` is accepted for compatibility but the result is always a new tensor
+(the fused kernel writes its own output), so code that uses the returned value behaves the same.
+
+Example::
+
+    >>> import torch, fusedact
+    >>> block = torch.nn.Sequential(torch.nn.Linear(16, 64), fusedact.nn.GELU(approximate="tanh"))
+    >>> block(torch.randn(2, 16)).shape
+    torch.Size([2, 64])
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+
+class ReLU(torch.nn.ReLU):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.relu(input)
+
+
+class LeakyReLU(torch.nn.LeakyReLU):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.leaky_relu(input, negative_slope=self.negative_slope)
+
+
+class GELU(torch.nn.GELU):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.gelu(input, approximate=self.approximate)
+
+
+class SiLU(torch.nn.SiLU):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.silu(input)
+
+
+class Swish(torch.nn.Module):
+    """x * sigmoid(beta * x); ``Swish(1.0)`` is SiLU."""
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.swish(input, beta=self.beta)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
+
+
+class SwiGLU(torch.nn.Module):
+    """silu(gate) * up: ``SwiGLU()(gate, up)``, or ``SwiGLU()(x)`` for a packed ``x = [gate | up]``."""
+
+    def forward(self, gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
+        return F.swiglu_packed(gate) if up is None else F.swiglu(gate, up)
+
+
+class BiasAct(torch.nn.Module):
+    """An activation with its own bias ``Parameter`` of ``num_features``, added before the activation.
+
+    ``activation`` is one of ``fusedact.functional.ACTIVATIONS`` with its keyword parameters; for
+    ``"swiglu"`` the input is packed ``[gate | up]`` of width ``num_features`` (the output has half).
+    The bias starts at zero, so a fresh ``BiasAct`` computes exactly the bare activation.
+
+    Example: ``BiasAct(64, "leaky_relu", negative_slope=0.2)(torch.randn(8, 64))``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        activation: str = "relu",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        **params,
+    ) -> None:
+        super().__init__()
+        if activation not in F.ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {F.ACTIVATIONS}")
+        self.num_features = num_features
+        self.activation = activation
+        self.params = params
+        self.bias = torch.nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.bias_act(input, self.bias, self.activation, **self.params)
+
+    def extra_repr(self) -> str:
+        params = "".join(f", {key}={value!r}" for key, value in self.params.items())
+        return f"{self.num_features}, activation={self.activation!r}{params}"

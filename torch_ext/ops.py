@@ -1,0 +1,312 @@
+"""Registered ops: ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``.
+
+Layering (one per op): kernel (``fusedact.kernels``) -> launcher (``_triton.py``) or fallback
+(``_fallback.py``) -> registered op here (allocates, dispatches) -> autograd here -> public function
+(``functional.py``) -> module (``nn.py``).
+
+Dispatch: CUDA tensors run the Triton kernels; fp64 tensors run the fallback; CPU tensors run the
+fallback, or the Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
+fusedact was imported (see ``set_cpu_backend``). Both paths return contiguous outputs.
+
+Ops take the kernel-level activation names of ``fusedact.kernels.ACTIVATIONS`` and one float parameter;
+``functional.py`` validates user input and maps the public API onto them.
+"""
+
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _fallback
+
+try:
+    from . import _triton
+except ImportError:  # no Triton: CPU fallback only
+    _triton = None
+
+_KERNELS_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_cpu_backend = "triton" if (_triton is not None and _KERNELS_INTERPRETED) else "torch"
+
+
+def set_cpu_backend(backend: str) -> None:
+    """Choose what runs CPU tensors: ``"torch"`` (the fallback) or ``"triton"`` (the kernels, interpreted).
+
+    ``"triton"`` needs ``TRITON_INTERPRET=1`` in the environment before fusedact is first imported.
+    """
+    global _cpu_backend
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" and (_triton is None or not _KERNELS_INTERPRETED):
+        raise RuntimeError("the 'triton' CPU backend needs triton and TRITON_INTERPRET=1 set before import")
+    _cpu_backend = backend
+
+
+def get_cpu_backend() -> str:
+    return _cpu_backend
+
+
+def _backend(t: Tensor) -> ModuleType:
+    if _triton is not None and t.dtype != torch.float64:
+        if t.device.type == "cuda" or (t.device.type == "cpu" and _cpu_backend == "triton"):
+            return _triton
+    return _fallback
+
+
+def saves_output(activation: str, param: float) -> bool:
+    """relu and leaky_relu keep their output for backward (the next layer keeps it anyway); a negative
+    slope makes the output's sign ambiguous, so leaky_relu then keeps its input like the others."""
+    if activation == "relu":
+        return True
+    return activation == "leaky_relu" and param >= 0
+
+
+def _empty_like(t: Tensor) -> Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _bias_grad_like(bias: Optional[Tensor], compute: bool, like: Tensor) -> Tensor:
+    """Shape of a bias gradient output: the bias's when computed, else an empty placeholder."""
+    return _empty_like(bias) if (bias is not None and compute) else like.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Single-input activations
+
+
+@torch.library.custom_op("fusedact::bias_act", mutates_args=())
+def bias_act(x: Tensor, bias: Optional[Tensor], activation: str, param: float) -> Tensor:
+    """act(x + bias), bias along the last dimension."""
+    if x.numel() == 0:
+        return _empty_like(x)
+    return _backend(x).bias_act(x, bias, activation, param).contiguous()
+
+
+@bias_act.register_fake
+def _(x, bias, activation, param):
+    return _empty_like(x)
+
+
+@torch.library.custom_op("fusedact::bias_act_backward", mutates_args=())
+def bias_act_backward(
+    grad_y: Tensor,
+    saved: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    param: float,
+    saved_is_output: bool,
+    compute_grad_bias: bool,
+) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_bias); grad_bias is empty unless ``compute_grad_bias`` and a bias is given."""
+    if saved.numel() == 0:
+        grad_bias = _bias_grad_like(bias, compute_grad_bias, saved)
+        return _empty_like(saved), grad_bias.zero_()
+    grad_x, grad_bias = _backend(saved).bias_act_backward(
+        grad_y, saved, bias, activation, param, saved_is_output, compute_grad_bias
+    )
+    return grad_x.contiguous(), grad_bias
+
+
+@bias_act_backward.register_fake
+def _(grad_y, saved, bias, activation, param, saved_is_output, compute_grad_bias):
+    return _empty_like(saved), _bias_grad_like(bias, compute_grad_bias, saved)
+
+
+def _bias_act_setup_context(ctx, inputs, output):
+    x, bias, activation, param = inputs
+    ctx.activation, ctx.param = activation, param
+    ctx.saved_is_output = saves_output(activation, param)
+    ctx.save_for_backward(output if ctx.saved_is_output else x, bias)
+
+
+def _bias_act_backward(ctx, grad_y):
+    saved, bias = ctx.saved_tensors
+    compute_grad_bias = bias is not None and ctx.needs_input_grad[1]
+    grad_x, grad_bias = bias_act_backward(
+        grad_y, saved, bias, ctx.activation, ctx.param, ctx.saved_is_output, compute_grad_bias
+    )
+    return grad_x, (grad_bias if compute_grad_bias else None), None, None
+
+
+bias_act.register_autograd(_bias_act_backward, setup_context=_bias_act_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gated (GLU) family: act(gate + gate_bias) * (up + up_bias)
+
+
+@torch.library.custom_op("fusedact::gated", mutates_args=())
+def gated(
+    gate: Tensor,
+    up: Tensor,
+    gate_bias: Optional[Tensor],
+    up_bias: Optional[Tensor],
+    activation: str,
+    param: float,
+) -> Tensor:
+    """act(gate + gate_bias) * (up + up_bias) for two tensors of one shape."""
+    if gate.numel() == 0:
+        return _empty_like(gate)
+    return _backend(gate).gated(gate, up, gate_bias, up_bias, activation, param).contiguous()
+
+
+@gated.register_fake
+def _(gate, up, gate_bias, up_bias, activation, param):
+    return _empty_like(gate)
+
+
+def _gated_backward_triton(grad_gate, grad_up, grad_y, gate, up, gate_bias, up_bias, activation, param, compute):
+    """Run the gated backward kernel into two [M, N] destinations; return (grad_gate_bias, grad_up_bias)
+    fp32 sums, or (None, None)."""
+    sums = _triton.gated_backward_into(
+        _triton.as_matrix(grad_gate), _triton.as_matrix(grad_up), grad_y, gate, up,
+        gate_bias, up_bias, activation, param, compute,
+    )  # fmt: skip
+    return (None, None) if sums is None else (sums[0], sums[1])
+
+
+def _cast_bias_grad(sums: Optional[Tensor], bias: Optional[Tensor], compute: bool, like: Tensor) -> Tensor:
+    if bias is None or not compute or sums is None:
+        return _bias_grad_like(bias, compute, like).zero_()
+    return sums.to(bias.dtype)
+
+
+@torch.library.custom_op("fusedact::gated_backward", mutates_args=())
+def gated_backward(
+    grad_y: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    gate_bias: Optional[Tensor],
+    up_bias: Optional[Tensor],
+    activation: str,
+    param: float,
+    compute_grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_gate, grad_up, grad_gate_bias, grad_up_bias); a bias gradient is empty where not computed."""
+    if gate.numel() == 0 or _backend(gate) is _fallback:
+        if gate.numel() == 0:
+            return (
+                _empty_like(gate),
+                _empty_like(up),
+                _bias_grad_like(gate_bias, compute_grad_bias, gate).zero_(),
+                _bias_grad_like(up_bias, compute_grad_bias, up).zero_(),
+            )
+        outputs = _fallback.gated_backward(grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias)
+        return tuple(t.contiguous() for t in outputs)
+    grad_gate, grad_up = _empty_like(gate), _empty_like(up)
+    gate_sums, up_sums = _gated_backward_triton(
+        grad_gate, grad_up, grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
+    )
+    return (
+        grad_gate,
+        grad_up,
+        _cast_bias_grad(gate_sums, gate_bias, compute_grad_bias, gate),
+        _cast_bias_grad(up_sums, up_bias, compute_grad_bias, up),
+    )
+
+
+@gated_backward.register_fake
+def _(grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias):
+    return (
+        _empty_like(gate),
+        _empty_like(up),
+        _bias_grad_like(gate_bias, compute_grad_bias, gate),
+        _bias_grad_like(up_bias, compute_grad_bias, up),
+    )
+
+
+def _gated_setup_context(ctx, inputs, output):
+    gate, up, gate_bias, up_bias, activation, param = inputs
+    ctx.activation, ctx.param = activation, param
+    ctx.save_for_backward(gate, up, gate_bias, up_bias)
+
+
+def _gated_backward(ctx, grad_y):
+    gate, up, gate_bias, up_bias = ctx.saved_tensors
+    compute = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    grad_gate, grad_up, grad_gate_bias, grad_up_bias = gated_backward(
+        grad_y, gate, up, gate_bias, up_bias, ctx.activation, ctx.param, compute
+    )
+    return (
+        grad_gate,
+        grad_up,
+        grad_gate_bias if (gate_bias is not None and compute) else None,
+        grad_up_bias if (up_bias is not None and compute) else None,
+        None,
+        None,
+    )
+
+
+gated.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+
+
+def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Views of the gate and up halves of a packed ``[..., 2N]`` tensor: read in place, never copied."""
+    half = t.shape[-1] // 2
+    return t[..., :half], t[..., half:]
+
+
+def _bias_halves(bias: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    return (None, None) if bias is None else _halves(bias)
+
+
+@torch.library.custom_op("fusedact::gated_packed", mutates_args=())
+def gated_packed(x: Tensor, bias: Optional[Tensor], activation: str, param: float) -> Tensor:
+    """act(x[..., :N] + bias[:N]) * (x[..., N:] + bias[N:]) for a packed ``x = [gate | up]`` of width 2N."""
+    gate, up = _halves(x)
+    if gate.numel() == 0:
+        return _empty_like(gate)
+    gate_bias, up_bias = _bias_halves(bias)
+    return _backend(x).gated(gate, up, gate_bias, up_bias, activation, param).contiguous()
+
+
+@gated_packed.register_fake
+def _(x, bias, activation, param):
+    return _empty_like(_halves(x)[0])
+
+
+@torch.library.custom_op("fusedact::gated_packed_backward", mutates_args=())
+def gated_packed_backward(
+    grad_y: Tensor, x: Tensor, bias: Optional[Tensor], activation: str, param: float, compute_grad_bias: bool
+) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_bias) for ``gated_packed``; the kernel writes both halves of grad_x in place."""
+    gate, up = _halves(x)
+    gate_bias, up_bias = _bias_halves(bias)
+    if x.numel() == 0 or _backend(x) is _fallback:
+        grad_gate, grad_up, grad_gate_bias, grad_up_bias = gated_backward(
+            grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
+        )
+        grad_bias = _bias_grad_like(bias, compute_grad_bias, x)
+        if grad_bias.numel():
+            grad_bias = torch.cat([grad_gate_bias, grad_up_bias])
+        return torch.cat([grad_gate, grad_up], dim=-1), grad_bias
+    grad_x = _empty_like(x)
+    grad_gate, grad_up = _halves(_triton.as_matrix(grad_x))
+    gate_sums, up_sums = _gated_backward_triton(
+        grad_gate, grad_up, grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
+    )
+    if bias is None or not compute_grad_bias:
+        return grad_x, x.new_empty(0)
+    return grad_x, torch.cat([gate_sums, up_sums]).to(bias.dtype)
+
+
+@gated_packed_backward.register_fake
+def _(grad_y, x, bias, activation, param, compute_grad_bias):
+    return _empty_like(x), _bias_grad_like(bias, compute_grad_bias, x)
+
+
+def _gated_packed_setup_context(ctx, inputs, output):
+    x, bias, activation, param = inputs
+    ctx.activation, ctx.param = activation, param
+    ctx.save_for_backward(x, bias)
+
+
+def _gated_packed_backward(ctx, grad_y):
+    x, bias = ctx.saved_tensors
+    compute = bias is not None and ctx.needs_input_grad[1]
+    grad_x, grad_bias = gated_packed_backward(grad_y, x, bias, ctx.activation, ctx.param, compute)
+    return grad_x, (grad_bias if compute else None), None, None
+
+
+gated_packed.register_autograd(_gated_packed_backward, setup_context=_gated_packed_setup_context)
