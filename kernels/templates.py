@@ -109,9 +109,9 @@ def bias_act_bwd_kernel(
         grad_y = tl.load(
             grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :] * stride_grad_y_col, mask=mask
         ).to(tl.float32)
-        saved = tl.load(
-            saved_ptr + rows[:, None] * stride_saved_row + cols[None, :] * stride_saved_col, mask=mask
-        ).to(tl.float32)
+        saved = tl.load(saved_ptr + rows[:, None] * stride_saved_row + cols[None, :] * stride_saved_col, mask=mask).to(
+            tl.float32
+        )
         if HAS_BIAS and not SAVED_IS_OUTPUT:
             saved += bias[None, :]
         grad_x = activation_backward(grad_y, saved, ACTIVATION, param)
@@ -221,9 +221,9 @@ def gated_bwd_kernel(
         grad_y = tl.load(
             grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :] * stride_grad_y_col, mask=mask
         ).to(tl.float32)
-        gate = tl.load(
-            gate_ptr + rows[:, None] * stride_gate_row + cols[None, :] * stride_gate_col, mask=mask
-        ).to(tl.float32)
+        gate = tl.load(gate_ptr + rows[:, None] * stride_gate_row + cols[None, :] * stride_gate_col, mask=mask).to(
+            tl.float32
+        )
         up = tl.load(up_ptr + rows[:, None] * stride_up_row + cols[None, :] * stride_up_col, mask=mask)
         up = up.to(tl.float32)
         if HAS_GATE_BIAS:

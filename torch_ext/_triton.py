@@ -8,8 +8,6 @@ import functools
 
 import torch
 import triton
-from torch import Tensor
-
 from fusedact.kernels import (
     ACTIVATIONS,
     bias_act_bwd_kernel,
@@ -19,6 +17,7 @@ from fusedact.kernels import (
     gated_fwd_kernel,
     num_warps_for,
 )
+from torch import Tensor
 
 # Backward programs per SM: enough to hide memory latency, few enough that the partial bias sums stay
 # small next to the tensors themselves.
@@ -43,13 +42,20 @@ def _target_programs(device: torch.device) -> int:
     return INTERPRETER_PROGRAMS
 
 
-def _row_groups(num_rows: int, num_cols: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(row_groups, rows_per_program) for a backward pass: split the rows so the grid fills the GPU."""
+def _backward_grid(
+    num_rows: int, num_cols: int, compute_grad_bias: bool, device: torch.device
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, row_groups, rows_per_program) for a backward pass. With a bias gradient the rows
+    are split into groups so the grid fills the GPU and each group's partial sum is one row of a small
+    [row_groups, N] buffer; without one, each program takes one tile."""
+    block_m, block_n = block_shape(num_cols)
     row_blocks = triton.cdiv(num_rows, block_m)
+    if not compute_grad_bias:
+        return block_m, block_n, row_blocks, block_m
     col_blocks = triton.cdiv(num_cols, block_n)
     groups = max(1, min(row_blocks, triton.cdiv(_target_programs(device), col_blocks)))
     blocks_per_group = triton.cdiv(row_blocks, groups)
-    return triton.cdiv(row_blocks, blocks_per_group), blocks_per_group * block_m
+    return block_m, block_n, triton.cdiv(row_blocks, blocks_per_group), blocks_per_group * block_m
 
 
 def _activation_id(activation: str) -> int:
@@ -83,12 +89,10 @@ def bias_act_backward(
     num_rows, num_cols = saved2.shape
     grad_x = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
     compute_grad_bias = compute_grad_bias and bias is not None
-    block_m, block_n = block_shape(num_cols)
+    block_m, block_n, row_groups, rows_per_program = _backward_grid(num_rows, num_cols, compute_grad_bias, saved.device)
+    partial = None
     if compute_grad_bias:
-        row_groups, rows_per_program = _row_groups(num_rows, num_cols, block_m, block_n, saved.device)
-    else:
-        row_groups, rows_per_program = triton.cdiv(num_rows, block_m), block_m
-    partial = torch.empty((row_groups, num_cols), dtype=torch.float32, device=saved.device) if compute_grad_bias else None
+        partial = torch.empty((row_groups, num_cols), dtype=torch.float32, device=saved.device)
     grid = (row_groups * triton.cdiv(num_cols, block_n),)
     bias_act_bwd_kernel[grid](
         grad_y2, saved2, bias, grad_x, partial, num_rows, num_cols,
@@ -132,17 +136,15 @@ def gated_backward_into(
 ) -> tuple[Tensor, Tensor] | None:
     """Write gate/up gradients into ``grad_gate``/``grad_up`` ([M, N] views with column stride 1 and one
     shared row stride: two separate buffers, or the halves of one packed buffer). Returns the fp32 partial
-    bias-gradient sums ``[row_groups, 2, N]`` (gate, up) when asked for."""
+    bias-gradient sums ``[2, N]`` (gate, up) when asked for, else None."""
     grad_y2, gate2, up2 = as_matrix(grad_y), as_matrix(gate), as_matrix(up)
     num_rows, num_cols = gate2.shape
     compute_grad_bias = compute_grad_bias and (gate_bias is not None or up_bias is not None)
-    block_m, block_n = block_shape(num_cols)
-    if compute_grad_bias:
-        row_groups, rows_per_program = _row_groups(num_rows, num_cols, block_m, block_n, gate.device)
-    else:
-        row_groups, rows_per_program = triton.cdiv(num_rows, block_m), block_m
-    partial = torch.empty((row_groups, 2, num_cols), dtype=torch.float32, device=gate.device) if compute_grad_bias else None
-    partial_gate, partial_up = (partial[:, 0], partial[:, 1]) if compute_grad_bias else (None, None)
+    block_m, block_n, row_groups, rows_per_program = _backward_grid(num_rows, num_cols, compute_grad_bias, gate.device)
+    partial = partial_gate = partial_up = None
+    if compute_grad_bias:  # one buffer: the gate and up sums of a row group side by side
+        partial = torch.empty((row_groups, 2, num_cols), dtype=torch.float32, device=gate.device)
+        partial_gate, partial_up = partial[:, 0], partial[:, 1]
     grid = (row_groups * triton.cdiv(num_cols, block_n),)
     gated_bwd_kernel[grid](
         grad_y2, gate2, up2, gate_bias, up_bias, grad_gate, grad_up, partial_gate, partial_up,

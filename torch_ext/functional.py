@@ -77,9 +77,7 @@ def swish(x: Tensor, bias: Optional[Tensor] = None, beta: float = 1.0) -> Tensor
     return _single(x, bias, "swish", beta)
 
 
-def swiglu(
-    gate: Tensor, up: Tensor, gate_bias: Optional[Tensor] = None, up_bias: Optional[Tensor] = None
-) -> Tensor:
+def swiglu(gate: Tensor, up: Tensor, gate_bias: Optional[Tensor] = None, up_bias: Optional[Tensor] = None) -> Tensor:
     """silu(gate + gate_bias) * (up + up_bias), the gated MLP of Llama-style models.
 
     Example: ``fusedact.swiglu(gate_proj(x), up_proj(x))``.
