@@ -169,7 +169,7 @@ def _gated_backward_triton(grad_gate, grad_up, grad_y, gate, up, gate_bias, up_b
 def _cast_bias_grad(sums: Optional[Tensor], bias: Optional[Tensor], compute: bool, like: Tensor) -> Tensor:
     if bias is None or not compute or sums is None:
         return _bias_grad_like(bias, compute, like).zero_()
-    return sums.to(bias.dtype)
+    return sums.to(bias.dtype, copy=True)  # the gate and up sums are views of one buffer: never alias
 
 
 @torch.library.custom_op("fusedact::gated_backward", mutates_args=())

@@ -1,0 +1,164 @@
+"""fusedact.functional against float64 references: every activation x dtype x shape x layout x bias,
+outputs, input gradients and bias gradients, on every backend of this machine (see conftest.py)."""
+
+import math
+
+import fusedact
+import pytest
+import torch
+from reference import SINGLE_CASES, assert_close, cancellation_floor, reference_activation, reference_gated
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (shape, layout): last dim 1, 7, 257, 4097; 1-D to 4-D; contiguous, sliced, transposed, permuted.
+SHAPES = [
+    ((7,), "contiguous"),
+    ((4097,), "sliced"),
+    ((3, 257), "contiguous"),
+    ((257, 3), "transposed"),
+    ((5, 4097), "sliced"),
+    ((2, 3, 1), "contiguous"),
+    ((2, 5, 7), "permuted"),
+    ((2, 2, 3, 257), "sliced"),
+]
+
+
+def make_input(shape, layout, dtype, device, generator, scale=2.0):
+    """A tensor of ``shape`` laid out as asked, filled with N(0, scale^2) values (never zeros)."""
+
+    def randn(*size):
+        return (torch.randn(*size, generator=generator, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    if layout == "contiguous":
+        return randn(*shape)
+    if layout == "sliced":  # a window of a wider last dimension: row stride > width, offset start
+        return randn(*shape[:-1], shape[-1] + 5)[..., 2 : 2 + shape[-1]]
+    if layout == "transposed":  # last dimension not contiguous
+        return randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+    if layout == "permuted":  # leading dimensions no single row stride addresses: one copy
+        return randn(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    raise ValueError(layout)
+
+
+def float64_reference(function, inputs, grad_y):
+    """Run ``function`` on float64 CPU copies of ``inputs`` (None passes through); return its output and
+    the gradient of each input for ``grad_y``."""
+    copies = [None if t is None else t.detach().to(torch.float64).cpu().requires_grad_() for t in inputs]
+    y = function(*copies)
+    y.backward(grad_y.detach().to(torch.float64).cpu())
+    return y.detach(), [None if c is None else c.grad for c in copies]
+
+
+def with_bias(x, bias):
+    return x if bias is None else x + bias
+
+
+def reference_single(x, bias, function, params, grad_y):
+    """Output, grad_x and grad_bias of f(x + bias) in float64, and the pre-activation z."""
+    y, (grad_x, grad_bias) = float64_reference(
+        lambda x, b: reference_activation(with_bias(x, b), function, params), [x, bias], grad_y
+    )
+    z = with_bias(x.detach().double().cpu(), None if bias is None else bias.detach().double().cpu())
+    if function in ("gelu", "silu", "swish"):  # the derivative's limits: 1 at +inf, 0 at -inf
+        grad_x = torch.where(z == math.inf, grad_y.detach().double().cpu(), grad_x)
+        grad_x = torch.where(z == -math.inf, 0.0, grad_x)
+    return y, grad_x, grad_bias, z
+
+
+@pytest.mark.parametrize("shape,layout", SHAPES, ids=[f"{s}-{layout}" for s, layout in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SINGLE_CASES, ids=[c[0] for c in SINGLE_CASES])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_single_input(case, dtype, shape, layout, with_bias, device):
+    _, function, params = case
+    generator = torch.Generator().manual_seed(0)
+    x = make_input(shape, layout, dtype, device, generator).requires_grad_()
+    bias = make_input(shape[-1:], "contiguous", dtype, device, generator).requires_grad_() if with_bias else None
+    grad_y = make_input(shape, "contiguous", dtype, device, generator)
+
+    y = getattr(fusedact, function)(x, bias, **params)
+    y.backward(grad_y)
+
+    y_ref, grad_x_ref, grad_bias_ref, z = reference_single(x, bias, function, params, grad_y)
+    assert y.dtype == dtype and y.device == x.device
+    assert_close(y, y_ref, cancellation_floor(z), f"{function} output")
+    grad_floor = cancellation_floor(z, grad_y.to(torch.float64).cpu())
+    assert_close(x.grad, grad_x_ref, grad_floor, f"{function} grad_x")
+    if with_bias:
+        # fp32 sum of M terms: floor scaled by the sum of magnitudes of the terms.
+        magnitude = grad_x_ref.abs().reshape(-1, shape[-1]).sum(0)
+        assert_close(bias.grad, grad_bias_ref, 2e-6 * magnitude + cancellation_floor(z, grad_y.double().cpu())
+                     .reshape(-1, shape[-1]).sum(0), f"{function} grad_bias")  # fmt: skip
+
+
+GATED_SHAPES = [((7,), "contiguous"), ((3, 257), "contiguous"), ((257, 3), "transposed"), ((2, 3, 4097), "sliced")]
+
+
+@pytest.mark.parametrize("shape,layout", GATED_SHAPES, ids=[f"{s}-{layout}" for s, layout in GATED_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("biases", ["none", "gate", "both"])
+@pytest.mark.parametrize("packed", [False, True], ids=["two-input", "packed"])
+def test_swiglu(shape, layout, dtype, biases, packed, device):
+    generator = torch.Generator().manual_seed(1)
+    width = shape[-1]
+
+    def bias(present):
+        return make_input((width,), "contiguous", dtype, device, generator).requires_grad_() if present else None
+
+    if packed:  # x = [gate | up], bias = [gate_bias | up_bias] (up_bias zero where only a gate bias)
+        x = make_input((*shape[:-1], 2 * width), layout, dtype, device, generator).requires_grad_()
+        packed_bias = None
+        if biases != "none":
+            up_bias = torch.zeros(width, dtype=dtype, device=device) if biases == "gate" else bias(True).detach()
+            packed_bias = torch.cat([bias(True).detach(), up_bias]).requires_grad_()
+        inputs = [x, packed_bias]
+
+        def reference(x, b):
+            gate, up = with_bias(x, b)[..., :width], with_bias(x, b)[..., width:]
+            return reference_gated(gate, up)
+
+        y = fusedact.swiglu_packed(*inputs)
+    else:
+        gate = make_input(shape, layout, dtype, device, generator).requires_grad_()
+        up = make_input(shape, layout, dtype, device, generator).requires_grad_()
+        inputs = [gate, up, bias(biases != "none"), bias(biases == "both")]
+
+        def reference(gate, up, gate_bias, up_bias):
+            return reference_gated(with_bias(gate, gate_bias), with_bias(up, up_bias))
+
+        y = fusedact.swiglu(*inputs)
+    grad_y = make_input(shape, "contiguous", dtype, device, generator)
+    y.backward(grad_y)
+    y_ref, grads_ref = float64_reference(reference, inputs, grad_y)
+
+    # One floor for every output: fp32 cancellation scaled by the largest factor that multiplies it.
+    scale = 1.0 + max(t.detach().abs().max().item() for t in inputs if t is not None and t.numel()) ** 2
+    floor = 2e-6 * scale * max(1.0, grad_y.abs().max().item())
+    assert_close(y, y_ref, floor, "swiglu output")
+    for index, (tensor, grad_ref) in enumerate(zip(inputs, grads_ref, strict=True)):
+        if tensor is None:
+            continue
+        rows = grad_ref.numel() // grad_ref.shape[-1] if tensor.dim() == 1 else 1
+        assert_close(tensor.grad, grad_ref, floor * rows, f"swiglu grad of input {index}")
+
+
+SPECIAL = [0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 1e20, -1e20, 3e38, -3e38, 1e-30, -1e-30, 60.0, -60.0,
+           100.0, -100.0, 1000.0, -1000.0]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SINGLE_CASES, ids=[c[0] for c in SINGLE_CASES])
+def test_special_values(case, device):
+    """NaN propagates, +-inf give the limits, huge finite inputs give no spurious NaN/inf, -0.0 as PyTorch."""
+    _, function, params = case
+    x = torch.tensor(SPECIAL, dtype=torch.float32, device=device, requires_grad=True)
+    y = getattr(fusedact, function)(x, **params)
+    y.backward(torch.ones_like(y))
+    y_ref, grad_ref, _, z = reference_single(x, None, function, params, torch.ones_like(y))
+    if function in ("relu", "leaky_relu"):  # exactly PyTorch's op, inf, NaN and signed zeros included
+        y_torch = getattr(torch.nn.functional, function)(x.detach().cpu(), *params.values())
+        torch.testing.assert_close(y.detach().cpu(), y_torch, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(torch.signbit(y.detach().cpu()), torch.signbit(y_torch)), "signed zeros differ"
+    assert_close(y, y_ref, cancellation_floor(z), f"{function} output")
+    assert_close(x.grad, grad_ref, cancellation_floor(z), f"{function} grad")
+    zeros = y_ref == 0  # signed zeros as the float64 reference (-0.0 in gives -0.0 out, as in PyTorch)
+    assert torch.equal(torch.signbit(y.detach().cpu()[zeros]), torch.signbit(y_ref[zeros])), "signed zeros differ"
