@@ -18,8 +18,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fusedact  # noqa: E402
 import pytest  # noqa: E402
+
+import fusedact  # noqa: E402
 
 HAS_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["torch"] + (["triton-interpreter"] if HAS_INTERPRETER else []) + (["cuda"] if HAS_CUDA else [])

@@ -3,9 +3,10 @@ outputs, input gradients and bias gradients, on every backend of this machine (s
 
 import math
 
-import fusedact
 import pytest
 import torch
+
+import fusedact
 from reference import SINGLE_CASES, assert_close, cancellation_floor, reference_activation, reference_gated
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,9 +1,10 @@
 """The registered ops: opcheck, torch.compile, fp64 gradcheck, empty tensors, determinism, bad input."""
 
-import fusedact
 import pytest
 import torch
 import torch.nn.functional as F
+
+import fusedact
 from fusedact import ops
 
 OP_ACTIVATIONS = [("relu", 0.0), ("leaky_relu", 0.1), ("leaky_relu", -0.3), ("gelu", 0.0), ("gelu_tanh", 0.0),
