@@ -8,6 +8,8 @@ import functools
 
 import torch
 import triton
+from torch import Tensor
+
 from fusedact.kernels import (
     ACTIVATIONS,
     bias_act_bwd_kernel,
@@ -17,7 +19,6 @@ from fusedact.kernels import (
     gated_fwd_kernel,
     num_warps_for,
 )
-from torch import Tensor
 
 # Backward programs per SM: enough to hide memory latency, few enough that the partial bias sums stay
 # small next to the tensors themselves.
