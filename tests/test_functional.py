@@ -21,6 +21,7 @@ SHAPES = [
     ((2, 3, 1), "contiguous"),
     ((2, 5, 7), "permuted"),
     ((2, 2, 3, 257), "sliced"),
+    ((3000, 33), "sliced"),  # many row blocks: each backward program loops over several, last group partial
 ]
 
 
@@ -92,7 +93,13 @@ def test_single_input(case, dtype, shape, layout, with_bias, device):
                      .reshape(-1, shape[-1]).sum(0), f"{function} grad_bias")  # fmt: skip
 
 
-GATED_SHAPES = [((7,), "contiguous"), ((3, 257), "contiguous"), ((257, 3), "transposed"), ((2, 3, 4097), "sliced")]
+GATED_SHAPES = [
+    ((7,), "contiguous"),
+    ((3, 257), "contiguous"),
+    ((257, 3), "transposed"),
+    ((2, 3, 4097), "sliced"),
+    ((3000, 33), "contiguous"),
+]
 
 
 @pytest.mark.parametrize("shape,layout", GATED_SHAPES, ids=[f"{s}-{layout}" for s, layout in GATED_SHAPES])

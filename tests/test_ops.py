@@ -214,3 +214,25 @@ def test_bad_input(call, error, message, device):
 def test_cpu_backend_switch():
     with pytest.raises(ValueError, match="backend must be"):
         fusedact.set_cpu_backend("numpy")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_more_than_2_31_elements():
+    """int64 offsets: a bf16 tensor of 2^31 + 2048 elements (about 4.3 GB each for input, output, grads)."""
+    if torch.cuda.get_device_properties(0).total_memory < 30 * 2**30:
+        pytest.skip("needs 30 GB of GPU memory")
+    rows, cols = 2**21 + 2, 1024
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
+    y = fusedact.relu(x, bias)
+    tail = slice(rows - 3, rows)  # rows past element 2^31
+    expected = torch.relu(x[tail].float() + bias.float()).to(torch.bfloat16)
+    assert torch.equal(y[tail], expected)
+    del y
+    x.requires_grad_()
+    bias.requires_grad_()
+    fusedact.silu(x, bias).backward(torch.ones_like(x))
+    z = (x[tail].detach().float() + bias.detach().float()).requires_grad_()
+    torch.nn.functional.silu(z).sum().backward()
+    torch.testing.assert_close(x.grad[tail].float(), z.grad, rtol=1e-2, atol=1e-2)
