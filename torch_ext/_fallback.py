@@ -1,11 +1,20 @@
-"""PyTorch twin of ``kernels/activations.py``, for tensors the Triton kernels do not run on.
+"""The PyTorch fallback, for tensors the Triton kernels do not run on (CPU, fp64).
 
-Same formulas and the same edge-case rules as the Triton math (see that module's docstring), evaluated
-in fp32 (fp64 for fp64 tensors) with one rounding to the output dtype at the end. Kept line for line
-beside the Triton version so the two can be read together; the tests hold both to float64 references.
+Evaluated in fp32 (fp64 for fp64 tensors) with one rounding to the output dtype at the end, like the
+kernels. Two paths, one function:
+
+- Fast path: PyTorch's own fused ops (``F.gelu``, ``aten.gelu_backward``, ``F.silu``...). relu and
+  leaky_relu always take it: they have exactly the kernels' semantics. The smooth activations take it when
+  every input is finite and below ``TAME_LIMIT`` in magnitude, where PyTorch's ops and the kernels compute
+  the same function (they may differ in the last fp32 bits).
+- Careful path: the twin of ``kernels/activations.py``, line for line (same formulas, same limits at
+  +-inf, no spurious NaN for huge inputs), for tensors holding NaN, inf or huge values.
+
+The tests hold both paths, and the kernels, to float64 references.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _SQRT_HALF = 0.7071067811865476
@@ -13,6 +22,9 @@ _INV_SQRT_2PI = 0.3989422804014327
 _TWO_SQRT_2_OVER_PI = 1.5957691216057308
 _GELU_TANH_CUBIC = 0.044715
 _GELU_TANH_CLAMP = 20.0
+# Below this magnitude gelu-tanh's z^3 and its derivative's z^2 stay finite in fp32 (PyTorch's
+# gelu_backward turns 0 * inf into NaN beyond ~1e19), and every other formula is exact.
+TAME_LIMIT = 1e12
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,11 +44,45 @@ def _gelu_tanh_logit(z: Tensor) -> tuple[Tensor, Tensor]:
     return logit, logit_derivative
 
 
+def _tame(z: Tensor) -> bool:
+    """Every element finite and within TAME_LIMIT (a NaN makes aminmax NaN, so not tame). One pass."""
+    if z.numel() == 0:
+        return True
+    low, high = torch.aminmax(z)
+    return bool(low > -TAME_LIMIT) and bool(high < TAME_LIMIT)
+
+
 def activation_forward(z: Tensor, activation: str, param: float) -> Tensor:
     if activation == "relu":
-        return torch.where(z < 0, 0.0, z)
+        return torch.relu(z)
     if activation == "leaky_relu":
-        return torch.where(z > 0, z, z * param)
+        return F.leaky_relu(z, param)
+    if _tame(z):
+        if activation in ("gelu", "gelu_tanh"):
+            return F.gelu(z, approximate="none" if activation == "gelu" else "tanh")
+        if activation == "swish":
+            return F.silu(z) if param == 1.0 else z * torch.sigmoid(param * z)
+    return _careful_forward(z, activation, param)
+
+
+def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: float) -> Tensor:
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, saved, 0)
+    if activation == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(grad, saved, param, False)
+    if _tame(saved):
+        if activation in ("gelu", "gelu_tanh"):
+            approximate = "none" if activation == "gelu" else "tanh"
+            return torch.ops.aten.gelu_backward(grad, saved, approximate=approximate)
+        if activation == "swish":
+            if param == 1.0:
+                return torch.ops.aten.silu_backward(grad, saved)
+            s = torch.sigmoid(param * saved)
+            return grad * s * (1.0 + param * saved * (1.0 - s))
+    return _careful_backward(grad, saved, activation, param)
+
+
+def _careful_forward(z: Tensor, activation: str, param: float) -> Tensor:
     if activation == "gelu":
         return _scale(z, 0.5 * (1.0 + torch.erf(z * _SQRT_HALF)))
     if activation == "gelu_tanh":
@@ -47,11 +93,7 @@ def activation_forward(z: Tensor, activation: str, param: float) -> Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: float) -> Tensor:
-    if activation == "relu":
-        return torch.where(saved <= 0, 0.0, grad)
-    if activation == "leaky_relu":
-        return torch.where(saved > 0, grad, grad * param)
+def _careful_backward(grad: Tensor, saved: Tensor, activation: str, param: float) -> Tensor:
     if activation == "gelu":
         cdf = 0.5 * (1.0 + torch.erf(saved * _SQRT_HALF))
         pdf = _INV_SQRT_2PI * torch.exp(-0.5 * saved * saved)
@@ -67,8 +109,10 @@ def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: flo
 
 
 def _with_bias(t: Tensor, bias: Tensor | None) -> Tensor:
-    t = t.to(compute_dtype(t.dtype))
-    return t if bias is None else t + bias.to(t.dtype)
+    """t + bias in the compute dtype: one pass (a bf16 t plus an fp32 bias adds in fp32, exactly as
+    upcasting t first would)."""
+    dtype = compute_dtype(t.dtype)
+    return t.to(dtype) if bias is None else torch.add(t, bias.to(dtype))
 
 
 def _bias_grad(grad: Tensor, bias: Tensor | None, compute: bool) -> Tensor:
