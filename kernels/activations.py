@@ -10,14 +10,30 @@ leaky_relu     z if z > 0 else slope * z                  g if z > 0 else slope 
 gelu (erf)     z * Phi(z),  Phi(z) = (1 + erf(z/sqrt2))/2  Phi(z) + z * phi(z),  phi = exp(-z^2/2)/sqrt(2pi)
 gelu (tanh)    z * sigmoid(2u),  u = sqrt(2/pi)(z + 0.044715 z^3)   s + z s (1 - s) 2u'(z)
 swish (beta)   z * sigmoid(beta z)   (silu: beta = 1)     s + z s (1 - s) beta
+sigmoid        s = 1 / (1 + exp(-z))                      s (1 - s), from the output
+tanh           t = (1 - exp(-2z)) / (1 + exp(-2z))        1 - t^2, from the output
+elu (alpha)    z if z > 0 else alpha (exp(z) - 1)         1 if z > 0 else alpha exp(z)
+selu           scale * elu(z, alpha), PyTorch's constants  scale * elu'(z, alpha)
+celu (alpha)   z if z > 0 else alpha (exp(z/alpha) - 1)   1 if z > 0 else exp(z/alpha)
+relu_squared   max(z, 0)^2   (Primer)                      2 max(z, 0)
+mish           z * tanh(softplus(z)) = z n / (n + 2),      t + z (1 - t^2) sigmoid(z),  t = n / (n + 2)
+               n = exp(z) (exp(z) + 2)
+heaviside (v)  1 if z > 0, v if z == 0, else 0 (NaN: 0)    0 (no gradient: a step cannot train)
+heaviside_ste  as heaviside                                1 (straight-through estimator)
 =============  =========================================  ===============================================
+
+quick_gelu (CLIP) is swish with beta = 1.702 and needs no entry of its own.
+
+``exp(z) - 1`` and ``1 - exp(-2z)`` lose all precision near 0 in fp32, and Triton has no ``expm1``:
+``_expm1`` uses its Taylor series below |z| = 0.25 (truncation error < 2e-9 relative), ``exp(z) - 1``
+above (where the result is at least 0.22 in magnitude, so the subtraction costs at most a few ULPs).
 
 ``gelu (tanh)`` uses ``0.5 (1 + tanh(u)) = sigmoid(2u)``: it is the same function PyTorch computes with
 ``tanh``, without the cancellation of ``1 + tanh(u)`` for negative ``u`` (and Triton has no ``tanh``).
 
-The backward functions take the tensor the activation saves for backward (``SAVES_OUTPUT`` below):
-relu and leaky_relu (slope >= 0) work from their output, since ``y > 0`` exactly when ``z > 0``; the
-smooth activations work from their input.
+The backward functions take the tensor the activation saves for backward: relu and leaky_relu
+(slope >= 0) work from their output, since ``y > 0`` exactly when ``z > 0``, and so do sigmoid and tanh,
+whose derivatives are written in their output; the others work from their input.
 
 Semantics at the edges follow PyTorch (NaN in, NaN out; ``relu(-0.0) = -0.0``; relu passes the gradient
 of a NaN), except that where PyTorch's formula turns an infinite or huge finite input into NaN
@@ -33,14 +49,33 @@ LEAKY_RELU = tl.constexpr(1)
 GELU = tl.constexpr(2)
 GELU_TANH = tl.constexpr(3)
 SWISH = tl.constexpr(4)
+SIGMOID = tl.constexpr(5)
+TANH = tl.constexpr(6)
+ELU = tl.constexpr(7)
+SELU = tl.constexpr(8)
+CELU = tl.constexpr(9)
+RELU_SQUARED = tl.constexpr(10)
+MISH = tl.constexpr(11)
+HEAVISIDE = tl.constexpr(12)
+HEAVISIDE_STE = tl.constexpr(13)
 
-# Host-side table: name -> (id, saves its output for backward).
-ACTIVATIONS: dict[str, tuple[int, bool]] = {
-    "relu": (0, True),
-    "leaky_relu": (1, True),  # the host saves the input instead when the slope is negative
-    "gelu": (2, False),
-    "gelu_tanh": (3, False),
-    "swish": (4, False),
+# Host-side table: activation name -> id. (Which tensor each one saves for backward is the host's
+# policy: see ``fusedact.ops.saves_output``.)
+ACTIVATIONS: dict[str, int] = {
+    "relu": 0,
+    "leaky_relu": 1,
+    "gelu": 2,
+    "gelu_tanh": 3,
+    "swish": 4,
+    "sigmoid": 5,
+    "tanh": 6,
+    "elu": 7,
+    "selu": 8,
+    "celu": 9,
+    "relu_squared": 10,
+    "mish": 11,
+    "heaviside": 12,
+    "heaviside_ste": 13,
 }
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
@@ -50,6 +85,10 @@ _GELU_TANH_CUBIC = tl.constexpr(0.044715)
 # Beyond |z| = 20 gelu-tanh's sigmoid is exactly 0 or 1 in fp32; clamping the polynomial there keeps
 # z^3 and its derivative finite without changing any result.
 _GELU_TANH_CLAMP = tl.constexpr(20.0)
+_SELU_ALPHA = tl.constexpr(1.6732632423543772)
+_SELU_SCALE = tl.constexpr(1.0507009873554805)
+# exp(20) (exp(20) + 2) / (... + 2) is exactly 1 in fp32: mish's tanh(softplus) saturates there.
+_MISH_CLAMP = tl.constexpr(20.0)
 
 
 @triton.jit
@@ -75,8 +114,48 @@ def _gelu_tanh_logit(z):
 
 
 @triton.jit
+def _expm1(z):
+    """exp(z) - 1 without the cancellation near 0 (Horner form of the Taylor series there)."""
+    series = z * (1.0 + z * (0.5 + z * (1.0 / 6 + z * (1.0 / 24 + z * (1.0 / 120 + z * (1.0 / 720 + z / 5040))))))
+    return tl.where(tl.abs(z) < 0.25, series, tl.exp(z) - 1.0)
+
+
+@triton.jit
+def _tanh(z):
+    """tanh from exp: the odd Taylor series below |z| = 0.25 (keeps -0.0 and tiny values exact), else
+    (1 - e) / (1 + e) with e = exp(-2|z|) computed through _expm1, signed like z."""
+    z_squared = z * z
+    series = z * (
+        1.0 - z_squared * (1.0 / 3 - z_squared * (2.0 / 15 - z_squared * (17.0 / 315 - z_squared * (62.0 / 2835))))
+    )
+    em1 = _expm1(-2.0 * tl.abs(z))
+    magnitude = -em1 / (2.0 + em1)
+    return tl.where(tl.abs(z) < 0.25, series, tl.where(z < 0.0, -magnitude, magnitude))
+
+
+@triton.jit
+def _elu(z, alpha, scale, input_scale):
+    """PyTorch's ELU family: scale * (z if z > 0 else alpha * expm1(z * input_scale))."""
+    return tl.where(z <= 0.0, scale * alpha * _expm1(z * input_scale), scale * z)
+
+
+@triton.jit
+def _elu_backward(grad, z, alpha, scale, input_scale):
+    # `z <= 0` as PyTorch's elu_backward, so a NaN input passes the gradient through the positive branch.
+    return tl.where(z <= 0.0, grad * scale * alpha * input_scale * tl.exp(z * input_scale), grad * scale)
+
+
+@triton.jit
+def _mish_tanh_softplus(z):
+    """tanh(softplus(z)) = n / (n + 2), n = exp(z) (exp(z) + 2): one exp, no log, no cancellation."""
+    e = tl.exp(tl.where(z > _MISH_CLAMP, _MISH_CLAMP, z))
+    n = e * (e + 2.0)
+    return n / (n + 2.0)
+
+
+@triton.jit
 def activation_forward(z, ACTIVATION: tl.constexpr, param):
-    """f(z) in fp32. ``param`` is leaky_relu's slope or swish's beta, ignored by the others."""
+    """f(z) in fp32. ``param``: leaky_relu's slope, swish's beta, elu/celu's alpha, heaviside's value at 0."""
     if ACTIVATION == RELU:
         # `z < 0` is False for NaN and -0.0, which pass through as PyTorch's clamp_min does.
         y = tl.where(z < 0.0, 0.0, z)
@@ -87,8 +166,25 @@ def activation_forward(z, ACTIVATION: tl.constexpr, param):
     elif ACTIVATION == GELU_TANH:
         logit, _ = _gelu_tanh_logit(z)
         y = _scale(z, tl.sigmoid(logit))
-    else:  # SWISH
+    elif ACTIVATION == SWISH:
         y = _scale(z, tl.sigmoid(param * z))
+    elif ACTIVATION == SIGMOID:
+        y = tl.sigmoid(z)
+    elif ACTIVATION == TANH:
+        y = _tanh(z)
+    elif ACTIVATION == ELU:
+        y = _elu(z, param, 1.0, 1.0)
+    elif ACTIVATION == SELU:
+        y = _elu(z, _SELU_ALPHA, _SELU_SCALE, 1.0)
+    elif ACTIVATION == CELU:
+        y = _elu(z, param, 1.0, 1.0 / param)
+    elif ACTIVATION == RELU_SQUARED:
+        positive = tl.where(z < 0.0, 0.0, z)
+        y = positive * positive
+    elif ACTIVATION == MISH:
+        y = _scale(z, _mish_tanh_softplus(z))
+    else:  # HEAVISIDE, HEAVISIDE_STE: param is the value at 0; NaN gives 0, as torch.heaviside
+        y = tl.where(z == 0.0, param, tl.where(z > 0.0, 1.0, 0.0))
     return y
 
 
@@ -108,7 +204,26 @@ def activation_backward(grad, saved, ACTIVATION: tl.constexpr, param):
         logit, logit_derivative = _gelu_tanh_logit(saved)
         s = tl.sigmoid(logit)
         grad_z = grad * (s + _scale(saved, s * (1.0 - s) * logit_derivative))
-    else:  # SWISH
+    elif ACTIVATION == SWISH:
         s = tl.sigmoid(param * saved)
         grad_z = grad * (s + _scale(saved, s * (1.0 - s) * param))
+    elif ACTIVATION == SIGMOID:  # saved is the output
+        grad_z = grad * saved * (1.0 - saved)
+    elif ACTIVATION == TANH:  # saved is the output
+        grad_z = grad * (1.0 - saved * saved)
+    elif ACTIVATION == ELU:
+        grad_z = _elu_backward(grad, saved, param, 1.0, 1.0)
+    elif ACTIVATION == SELU:
+        grad_z = _elu_backward(grad, saved, _SELU_ALPHA, _SELU_SCALE, 1.0)
+    elif ACTIVATION == CELU:
+        grad_z = _elu_backward(grad, saved, param, 1.0, 1.0 / param)
+    elif ACTIVATION == RELU_SQUARED:
+        grad_z = tl.where(saved <= 0.0, 0.0, 2.0 * saved * grad)
+    elif ACTIVATION == MISH:
+        t = _mish_tanh_softplus(saved)
+        grad_z = grad * (t + _scale(saved, (1.0 - t * t) * tl.sigmoid(saved)))
+    elif ACTIVATION == HEAVISIDE:
+        grad_z = tl.zeros_like(grad)
+    else:  # HEAVISIDE_STE: the gradient passes straight through the step
+        grad_z = grad
     return grad_z

@@ -201,6 +201,7 @@ def gated_bwd_kernel(
     ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
+    SAVED_IS_OUTPUT: tl.constexpr,  # the activation's derivative is written in terms of its output
     COMPUTE_GRAD_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -230,8 +231,12 @@ def gated_bwd_kernel(
             gate += gate_bias[None, :]
         if HAS_UP_BIAS:
             up += up_bias[None, :]
-        grad_gate = activation_backward(grad_y * up, gate, ACTIVATION, param)
-        grad_up = grad_y * activation_forward(gate, ACTIVATION, param)
+        activated = activation_forward(gate, ACTIVATION, param)
+        if SAVED_IS_OUTPUT:  # sigmoid/tanh/relu gates: their derivative reads the output
+            grad_gate = activation_backward(grad_y * up, activated, ACTIVATION, param)
+        else:
+            grad_gate = activation_backward(grad_y * up, gate, ACTIVATION, param)
+        grad_up = grad_y * activated
         out_offsets = rows[:, None] * stride_grad_row + cols[None, :]
         tl.store(grad_gate_ptr + out_offsets, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_up_ptr + out_offsets, grad_up.to(grad_up_ptr.dtype.element_ty), mask=mask)

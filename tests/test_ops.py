@@ -37,9 +37,9 @@ def test_opcheck_gated(with_bias, device):
     torch.library.opcheck(ops.gated_backward, (_randn(3, 8, device=device), *detached, "swish", 1.0, with_bias))
     packed = _randn(3, 16, device=device, requires_grad=True)
     packed_bias = _randn(16, device=device, requires_grad=True) if with_bias else None
-    torch.library.opcheck(ops.gated_packed, (packed, packed_bias, "swish", 1.0))
+    torch.library.opcheck(ops.gated_packed, (packed, packed_bias, "swish", 1.0, True))
     args = (_randn(3, 8, device=device), packed.detach(), None if packed_bias is None else packed_bias.detach())
-    torch.library.opcheck(ops.gated_packed_backward, (*args, "swish", 1.0, with_bias))
+    torch.library.opcheck(ops.gated_packed_backward, (*args, "swish", 1.0, True, with_bias))
 
 
 GRADCHECK_CASES = [("relu", {}), ("leaky_relu", {"negative_slope": -0.5}), ("gelu", {}),

@@ -155,13 +155,15 @@ def gated_backward(
     up_bias: Tensor | None,
     activation: str,
     param: float,
+    saved_is_output: bool,
     compute_grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     z = _with_bias(gate, gate_bias)
     u = _with_bias(up, up_bias)
     grad = grad_y.to(z.dtype)
-    grad_gate = activation_backward(grad * u, z, activation, param)
-    grad_up = grad * activation_forward(z, activation, param)
+    activated = activation_forward(z, activation, param)
+    grad_gate = activation_backward(grad * u, activated if saved_is_output else z, activation, param)
+    grad_up = grad * activated
     return (
         grad_gate.to(gate.dtype),
         grad_up.to(up.dtype),

@@ -60,7 +60,7 @@ def _backward_grid(
 
 
 def _activation_id(activation: str) -> int:
-    return ACTIVATIONS[activation][0]
+    return ACTIVATIONS[activation]
 
 
 def bias_act(x: Tensor, bias: Tensor | None, activation: str, param: float) -> Tensor:
@@ -133,8 +133,9 @@ def gated_backward_into(
     up_bias: Tensor | None,
     activation: str,
     param: float,
+    saved_is_output: bool,
     compute_grad_bias: bool,
-) -> tuple[Tensor, Tensor] | None:
+) -> Tensor | None:
     """Write gate/up gradients into ``grad_gate``/``grad_up`` ([M, N] views with column stride 1 and one
     shared row stride: two separate buffers, or the halves of one packed buffer). Returns the fp32 partial
     bias-gradient sums ``[2, N]`` (gate, up) when asked for, else None."""
@@ -151,7 +152,7 @@ def gated_backward_into(
         grad_y2, gate2, up2, gate_bias, up_bias, grad_gate, grad_up, partial_gate, partial_up,
         num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), gate2.stride(0), gate2.stride(1),
         up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols, rows_per_program, param,
-        ACTIVATION=_activation_id(activation), COMPUTE_GRAD_BIAS=compute_grad_bias,
+        ACTIVATION=_activation_id(activation), SAVED_IS_OUTPUT=saved_is_output, COMPUTE_GRAD_BIAS=compute_grad_bias,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
     return partial.sum(0) if compute_grad_bias else None

@@ -104,7 +104,7 @@ def swiglu_packed(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dimension [gate | up], got shape {tuple(x.shape)}")
     _check_bias(bias, x, x.shape[-1], "bias", "x")
-    return ops.gated_packed(x, bias, "swish", 1.0)
+    return ops.gated_packed(x, bias, "swish", 1.0, True)
 
 
 # name -> (function, the keyword parameters it takes)

@@ -54,12 +54,17 @@ def _backend(t: Tensor) -> ModuleType:
     return _fallback
 
 
+# Activations whose derivative is written in terms of their output: they keep the output for backward
+# (for relu the next layer keeps it anyway); the others keep their input (before the bias) and recompute.
+_SAVES_OUTPUT = frozenset({"relu", "leaky_relu", "sigmoid", "tanh"})
+
+
 def saves_output(activation: str, param: float) -> bool:
-    """relu and leaky_relu keep their output for backward (the next layer keeps it anyway); a negative
-    slope makes the output's sign ambiguous, so leaky_relu then keeps its input like the others."""
-    if activation == "relu":
-        return True
-    return activation == "leaky_relu" and param >= 0
+    """Whether ``activation``'s backward reads its output (else its input). A negative leaky slope makes
+    the output's sign ambiguous, so leaky_relu then keeps its input."""
+    if activation == "leaky_relu":
+        return param >= 0
+    return activation in _SAVES_OUTPUT
 
 
 def _empty_like(t: Tensor) -> Tensor:
@@ -161,7 +166,7 @@ def _gated_backward_triton(grad_gate, grad_up, grad_y, gate, up, gate_bias, up_b
     fp32 sums, or (None, None)."""
     sums = _triton.gated_backward_into(
         _triton.as_matrix(grad_gate), _triton.as_matrix(grad_up), grad_y, gate, up,
-        gate_bias, up_bias, activation, param, compute,
+        gate_bias, up_bias, activation, param, saves_output(activation, param), compute,
     )  # fmt: skip
     return (None, None) if sums is None else (sums[0], sums[1])
 
@@ -192,7 +197,9 @@ def gated_backward(
                 _bias_grad_like(gate_bias, compute_grad_bias, gate).zero_(),
                 _bias_grad_like(up_bias, compute_grad_bias, up).zero_(),
             )
-        outputs = _fallback.gated_backward(grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias)
+        outputs = _fallback.gated_backward(
+            grad_y, gate, up, gate_bias, up_bias, activation, param, saves_output(activation, param), compute_grad_bias
+        )
         return tuple(t.contiguous() for t in outputs)
     grad_gate, grad_up = _empty_like(gate), _empty_like(up)
     gate_sums, up_sums = _gated_backward_triton(
@@ -241,72 +248,84 @@ def _gated_backward(ctx, grad_y):
 gated.register_autograd(_gated_backward, setup_context=_gated_setup_context)
 
 
-def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Views of the gate and up halves of a packed ``[..., 2N]`` tensor: read in place, never copied."""
+def _halves(t: Tensor, gate_first: bool) -> tuple[Tensor, Tensor]:
+    """(gate, up) views of the two halves of a packed ``[..., 2N]`` tensor: read in place, never copied.
+    ``gate_first``: ``[gate | up]`` (Llama's fused gate_up_proj); else ``[up | gate]`` (``F.glu``)."""
     half = t.shape[-1] // 2
-    return t[..., :half], t[..., half:]
+    first, second = t[..., :half], t[..., half:]
+    return (first, second) if gate_first else (second, first)
 
 
-def _bias_halves(bias: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    return (None, None) if bias is None else _halves(bias)
+def _bias_halves(bias: Optional[Tensor], gate_first: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    return (None, None) if bias is None else _halves(bias, gate_first)
 
 
 @torch.library.custom_op("fusedact::gated_packed", mutates_args=())
-def gated_packed(x: Tensor, bias: Optional[Tensor], activation: str, param: float) -> Tensor:
-    """act(x[..., :N] + bias[:N]) * (x[..., N:] + bias[N:]) for a packed ``x = [gate | up]`` of width 2N."""
-    gate, up = _halves(x)
+def gated_packed(x: Tensor, bias: Optional[Tensor], activation: str, param: float, gate_first: bool) -> Tensor:
+    """act(gate + gate_bias) * (up + up_bias) for the halves of a packed ``x`` of width 2N (see _halves)."""
+    gate, up = _halves(x, gate_first)
     if gate.numel() == 0:
         return _empty_like(gate)
-    gate_bias, up_bias = _bias_halves(bias)
+    gate_bias, up_bias = _bias_halves(bias, gate_first)
     return _backend(x).gated(gate, up, gate_bias, up_bias, activation, param).contiguous()
 
 
 @gated_packed.register_fake
-def _(x, bias, activation, param):
-    return _empty_like(_halves(x)[0])
+def _(x, bias, activation, param, gate_first):
+    return _empty_like(_halves(x, gate_first)[0])
 
 
 @torch.library.custom_op("fusedact::gated_packed_backward", mutates_args=())
 def gated_packed_backward(
-    grad_y: Tensor, x: Tensor, bias: Optional[Tensor], activation: str, param: float, compute_grad_bias: bool
+    grad_y: Tensor,
+    x: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    param: float,
+    gate_first: bool,
+    compute_grad_bias: bool,
 ) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_bias) for ``gated_packed``; the kernel writes both halves of grad_x in place."""
-    gate, up = _halves(x)
-    gate_bias, up_bias = _bias_halves(bias)
+    gate, up = _halves(x, gate_first)
+    gate_bias, up_bias = _bias_halves(bias, gate_first)
     if x.numel() == 0 or _backend(x) is _fallback:
         grad_gate, grad_up, grad_gate_bias, grad_up_bias = gated_backward(
             grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
         )
         grad_bias = _bias_grad_like(bias, compute_grad_bias, x)
         if grad_bias.numel():
-            grad_bias = torch.cat([grad_gate_bias, grad_up_bias])
-        return torch.cat([grad_gate, grad_up], dim=-1), grad_bias
+            grad_bias = torch.cat(_halves_in_order(grad_gate_bias, grad_up_bias, gate_first))
+        return torch.cat(_halves_in_order(grad_gate, grad_up, gate_first), dim=-1), grad_bias
     grad_x = _empty_like(x)
-    grad_gate, grad_up = _halves(_triton.as_matrix(grad_x))
+    grad_gate, grad_up = _halves(_triton.as_matrix(grad_x), gate_first)
     gate_sums, up_sums = _gated_backward_triton(
         grad_gate, grad_up, grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
     )
     if bias is None or not compute_grad_bias:
         return grad_x, x.new_empty(0)
-    return grad_x, torch.cat([gate_sums, up_sums]).to(bias.dtype)
+    return grad_x, torch.cat(_halves_in_order(gate_sums, up_sums, gate_first)).to(bias.dtype)
+
+
+def _halves_in_order(gate_part: Tensor, up_part: Tensor, gate_first: bool) -> list[Tensor]:
+    return [gate_part, up_part] if gate_first else [up_part, gate_part]
 
 
 @gated_packed_backward.register_fake
-def _(grad_y, x, bias, activation, param, compute_grad_bias):
+def _(grad_y, x, bias, activation, param, gate_first, compute_grad_bias):
     return _empty_like(x), _bias_grad_like(bias, compute_grad_bias, x)
 
 
 def _gated_packed_setup_context(ctx, inputs, output):
-    x, bias, activation, param = inputs
-    ctx.activation, ctx.param = activation, param
+    x, bias, activation, param, gate_first = inputs
+    ctx.activation, ctx.param, ctx.gate_first = activation, param, gate_first
     ctx.save_for_backward(x, bias)
 
 
 def _gated_packed_backward(ctx, grad_y):
     x, bias = ctx.saved_tensors
     compute = bias is not None and ctx.needs_input_grad[1]
-    grad_x, grad_bias = gated_packed_backward(grad_y, x, bias, ctx.activation, ctx.param, compute)
-    return grad_x, (grad_bias if compute else None), None, None
+    grad_x, grad_bias = gated_packed_backward(grad_y, x, bias, ctx.activation, ctx.param, ctx.gate_first, compute)
+    return grad_x, (grad_bias if compute else None), None, None, None
 
 
 gated_packed.register_autograd(_gated_packed_backward, setup_context=_gated_packed_setup_context)
