@@ -1,359 +1,382 @@
-"""Benchmark: fusedact's fused bias + activation against the same op written in eager PyTorch.
+"""Benchmark: fusedact against eager PyTorch, torch.compile and Liger Kernel; time, GB/s and error side by side.
 
-For each op x dtype x shape x mode (``fwd``, ``fwd+bwd``) one markdown row gives the median time of
-fusedact and of eager PyTorch written the way a user writes it (``F.gelu(x + b)``,
-``F.silu(g + bg) * (u + bu)``), the bandwidth each achieves against the *minimal* byte count, the
-speedup, and each one's max abs error against a float64 reference.
+    python -m bench                                   # the default sweep: the GPU if there is one, else the CPU
+    python -m bench --out                             # ... and write JSON, CSV, markdown, PNGs to bench/results/
+    python -m bench --quick --device cpu              # a few seconds: fusedact's CPU fallback vs eager
+    python -m bench --ops gelu swiglu --dtypes bf16 --shapes 8192x4096 --modes fwd --providers fusedact eager
+    python -m bench --plan                            # what the chosen sweep runs, and a rough time estimate
 
-Minimal bytes, for N = rows x cols elements of x (of each of gate and up for swiglu) and k inputs
-(1, or 2 for swiglu), each input with a bias of cols elements:
+What runs, in order (see each module's docstring for the details):
+1. the copy bandwidth, the yardstick of every GB/s (``timing.py``);
+2. host overhead: microseconds per call on a [1, 4096] tensor (``overhead.py``);
+3. memory and step time of fwd+bwd of a Linear -> GELU -> Linear block and of a SwiGLU MLP (``memory.py``);
+4. the sweep: op x dtype x shape, every provider, every mode (fwd, bwd, fwd+bwd): median/p20/p80 time,
+   GB/s from the minimal byte count, % of copy bandwidth, speedup over every provider, and every
+   provider's max error against a float64 reference (``cases.py``, ``sweep.py``).
+A markdown table is printed as the sweep goes; ``--out`` writes everything (``report.py``), and the
+issue's targets are checked against the results. ``--time-limit`` stops the sweep (not the sections
+before it) in time to write what was measured, listing the points left out.
 
-    fwd       read k inputs and k biases, write the output                    (k N + k cols + N) * itemsize
-    backward  read grad_out and one saved tensor per input (x or y; gate, up),
-              write k input gradients and k bias gradients                    (N + 2 k N + k cols) * itemsize
-    fwd+bwd   the sum of the two
-
-Eager PyTorch moves more bytes than that (``x + b`` is written and read back, the bias gradient is a
-separate reduction), so its GB/s is the bandwidth it delivers *effectively* for the same work.
-
-Reference: the eager formula evaluated in float64 on the same inputs, float64 autograd for the gradients.
-The table's error is max |result - reference| of the output (fwd) or of the input gradients (fwd+bwd);
-``--json`` also records the bias gradients' errors.
-
-Timing: on a GPU ``triton.testing.do_bench`` (it flushes L2 before each call), and where one set of
-inputs fits in L2 the calls also rotate among several sets. On the CPU, wall-clock time of single calls
-after warm-up. Inputs are ``torch.randn``, never zeros (zeros can run faster than real data).
-
-    python -m bench                                     # the GPU if there is one, else the CPU fallback
-    python -m bench --ops gelu swiglu --dtypes bf16 --json results.json
-    python -m bench --quick --device cpu
+On the CPU the numbers are those of fusedact's PyTorch fallback, not the Triton kernels, at small sizes,
+and torch.compile runs only when asked for (``--providers ... compile``: about 30 s per compile there).
 """
 
 import argparse
 import itertools
-import json
-import math
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 import fusedact
 
+from .cases import (
+    COMPILE_MODES,
+    CPU_QUICK_SHAPES,
+    CPU_SHAPES,
+    DEFAULT_OPS,
+    DTYPES,
+    GPU_COMPILE_DTYPES,
+    GPU_COMPILE_SHAPES,
+    GPU_QUICK_SHAPES,
+    GPU_SHAPES,
+    MODES,
+    PROVIDERS,
+    available_ops,
+    format_shape,
+    liger_function,
+    parse_shape,
+)
+from .memory import measure_blocks
+from .overhead import measure_overhead
+from .report import (
+    SWEEP_LEGEND,
+    Progress,
+    check_targets,
+    environment,
+    out_dir_from,
+    sweep_header,
+    sweep_row,
+    targets_table,
+    write_report,
+)
+from .sweep import run_point
+from .timing import copy_bandwidth
+
 try:
     import triton
-    import triton.testing
-except ImportError:  # a CPU-only install may have no Triton; only the GPU path needs it
+except ImportError:
     triton = None
 
-
-@dataclass(frozen=True)
-class Op:
-    """One op, two ways. Both take ``(*inputs, *biases)``: ``(x, b)``, or ``(gate, up, gate_bias, up_bias)``."""
-
-    fused: Callable[..., Tensor]
-    eager: Callable[..., Tensor]
-    num_inputs: int = 1  # tensors of shape [rows, cols], each with its own bias of length cols
-
-
-OPS = {
-    "relu": Op(fusedact.relu, lambda x, b: F.relu(x + b)),
-    "leaky_relu": Op(lambda x, b: fusedact.leaky_relu(x, b, 0.01), lambda x, b: F.leaky_relu(x + b, 0.01)),
-    "gelu": Op(fusedact.gelu, lambda x, b: F.gelu(x + b)),
-    "gelu_tanh": Op(
-        lambda x, b: fusedact.gelu(x, b, approximate="tanh"), lambda x, b: F.gelu(x + b, approximate="tanh")
-    ),
-    "silu": Op(fusedact.silu, lambda x, b: F.silu(x + b)),
-    "swiglu": Op(fusedact.swiglu, lambda g, u, bg, bu: F.silu(g + bg) * (u + bu), num_inputs=2),
-}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODES = ("fwd", "fwd+bwd")
-QUANTILES = (0.5, 0.2, 0.8)  # median first, then the 20-80 % range
-
-# (rows, cols) = tokens x hidden. GPU: a 4096-wide layer, and Llama-2-7B's MLP width.
-SHAPES = {"cuda": [(4096, 4096), (8192, 11008)], "cpu": [(256, 1024), (1024, 4096)]}
-DEFAULT_DTYPES = {"cuda": ["bf16", "fp16", "fp32"], "cpu": ["fp32", "bf16"]}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Byte counts
-
-
-def forward_bytes(op: Op, rows: int, cols: int, itemsize: int) -> int:
-    """Minimal forward traffic: each input and bias read once, the output written once."""
-    elements = rows * cols
-    return itemsize * (op.num_inputs * (elements + cols) + elements)
-
-
-def backward_bytes(op: Op, rows: int, cols: int, itemsize: int) -> int:
-    """Minimal backward traffic: grad_out and one saved tensor per input read, every gradient written once."""
-    elements = rows * cols
-    return itemsize * (elements + op.num_inputs * (2 * elements + cols))
-
-
-def minimal_bytes(op: Op, mode: str, rows: int, cols: int, itemsize: int) -> int:
-    """Bytes a perfect implementation moves in ``mode``; GB/s of both implementations is measured against it."""
-    forward = forward_bytes(op, rows, cols, itemsize)
-    return forward if mode == "fwd" else forward + backward_bytes(op, rows, cols, itemsize)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Inputs, the float64 reference, errors
+SECTIONS = ("overhead", "memory", "sweep")
+DEFAULT_DTYPES = {"cuda": ("bf16", "fp32", "fp16"), "cpu": ("fp32", "bf16")}
+# Milliseconds of calls per timing: do_bench's ``rep`` on the GPU, the CPU timer's budget on the CPU.
+DEFAULT_REP_MS = {("cuda", False): 25.0, ("cuda", True): 20.0, ("cpu", False): 100.0, ("cpu", True): 20.0}
 
 
 @dataclass(frozen=True)
-class InputSet:
-    """One set of random inputs: the leaves (inputs then biases, requiring grad), their detached twins
-    for forward-only calls, and a random grad_out for the backward pass."""
+class Settings:
+    """Everything the command line chose, resolved against the device's defaults."""
 
-    leaves: tuple[Tensor, ...]
-    detached: tuple[Tensor, ...]
-    grad_out: Tensor
+    ops: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]
+    compile_shapes: tuple[tuple[int, int], ...]
+    compile_dtypes: tuple[str, ...]
+    modes: tuple[str, ...]
+    providers: tuple[str, ...]
+    sections: tuple[str, ...]
+    rep_ms: float
+    quick: bool
+    time_limit_s: Optional[float]
 
+    def providers_at(self, dtype_name: str, shape: tuple[int, int]) -> tuple[str, ...]:
+        """The compiled providers run only at ``compile_dtypes`` x ``compile_shapes``; the others everywhere."""
+        compiled_here = dtype_name in self.compile_dtypes and shape in self.compile_shapes
+        return tuple(p for p in self.providers if p not in COMPILE_MODES or compiled_here)
 
-def make_input_set(op: Op, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> InputSet:
-    """``torch.randn`` inputs [rows, cols], biases [cols] and grad_out [rows, cols]."""
-    inputs = [torch.randn(rows, cols, dtype=dtype, device=device) for _ in range(op.num_inputs)]
-    biases = [torch.randn(cols, dtype=dtype, device=device) for _ in range(op.num_inputs)]
-    leaves = tuple(t.requires_grad_() for t in inputs + biases)
-    grad_out = torch.randn(rows, cols, dtype=dtype, device=device)
-    return InputSet(leaves, tuple(t.detach() for t in leaves), grad_out)
+    def points(self) -> list[tuple[str, str, tuple[int, int]]]:
+        """(dtype, op, shape) in the order they run: dtype first, so a time limit cuts the last dtype."""
+        return list(itertools.product(self.dtypes, self.ops, self.shapes))
 
-
-def rotation_count(device: torch.device, set_bytes: int) -> int:
-    """How many input sets to cycle through so that no timed call finds its inputs in the GPU's L2.
-
-    ``do_bench`` already flushes L2 before each call; rotating keeps the numbers honest without relying on
-    that. On the CPU one set is used: its caches are part of what a CPU user gets.
-    """
-    if device.type != "cuda":
-        return 1
-    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-    if set_bytes >= l2_bytes:
-        return 1
-    return min(64, math.ceil(4 * l2_bytes / set_bytes))  # the sets together span 4x the L2
-
-
-def forward_backward(
-    function: Callable[..., Tensor], leaves: Sequence[Tensor], grad_out: Tensor
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The output and the gradients of all leaves, as a training step computes them (nothing accumulates
-    into ``.grad``, which would add a pass over every gradient)."""
-    output = function(*leaves)
-    return output, torch.autograd.grad(output, leaves, grad_out)
+    def as_dict(self) -> dict:
+        data = {key: list(value) if isinstance(value, tuple) else value for key, value in vars(self).items()}
+        data["shapes"] = [format_shape(shape) for shape in self.shapes]
+        data["compile_shapes"] = [format_shape(shape) for shape in self.compile_shapes]
+        data["compile_dtypes"] = list(self.compile_dtypes)
+        return data
 
 
-def float64_reference(op: Op, inputs: InputSet) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The eager formula in float64 on the same inputs: the output and the gradients of inputs and biases."""
-    leaves = [t.detach().double().requires_grad_() for t in inputs.leaves]
-    output, grads = forward_backward(op.eager, leaves, inputs.grad_out.double())
-    return output.detach(), grads
+def shape_argument(text: str) -> tuple[int, int]:
+    try:
+        return parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def max_abs_error(results: Sequence[Tensor], references: Sequence[Tensor]) -> float:
-    """max |result - reference| over all the pairs, in float64."""
-    return max((r.double() - ref).abs().max().item() for r, ref in zip(results, references, strict=True))
-
-
-def measure_errors(
-    op: Op, function: Callable[..., Tensor], inputs: InputSet, reference: tuple[Tensor, tuple[Tensor, ...]]
-) -> dict[str, float]:
-    """Max abs error against the float64 reference: of the output, the input gradients, the bias gradients."""
-    output, grads = forward_backward(function, inputs.leaves, inputs.grad_out)
-    reference_output, reference_grads = reference
-    k = op.num_inputs
-    return {
-        "output": max_abs_error([output.detach()], [reference_output]),
-        "input_grad": max_abs_error(grads[:k], reference_grads[:k]),
-        "bias_grad": max_abs_error(grads[k:], reference_grads[k:]),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# Timing
-
-
-def cpu_time_ms(call: Callable[[], object], budget_s: float, warmup: int = 2, min_repeats: int = 5) -> list[float]:
-    """Quantiles (``QUANTILES``) in ms of the wall-clock times of single calls, timeit-style, after warm-up."""
-    for _ in range(warmup):
-        call()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_repeats or (time.perf_counter() - start < budget_s and len(times) < 1000):
-        begin = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - begin) * 1e3)
-    return torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-
-
-def time_ms(call: Callable[[], object], device: torch.device, quick: bool) -> list[float]:
-    """[median, 20th, 80th percentile] of ``call``'s run time in ms."""
-    if device.type == "cuda":
-        warmup, rep = (10, 30) if quick else (25, 100)
-        return triton.testing.do_bench(call, warmup=warmup, rep=rep, quantiles=list(QUANTILES))
-    return cpu_time_ms(call, budget_s=0.02 if quick else 0.1)
-
-
-def timed_call(function: Callable[..., Tensor], input_sets: Sequence[InputSet], mode: str) -> Callable[[], object]:
-    """A no-argument call of ``function`` in ``mode`` for the timer, taking the next input set each time."""
-    rotation = itertools.cycle(input_sets)
-    if mode == "fwd":
-        return lambda: function(*next(rotation).detached)
-
-    def call() -> object:
-        inputs = next(rotation)
-        return forward_backward(function, inputs.leaves, inputs.grad_out)
-
-    return call
-
-
-# ---------------------------------------------------------------------------------------------------
-# One case, the table, the command line
-
-
-def bench_case(op_name: str, dtype_name: str, shape: tuple[int, int], device: torch.device, quick: bool) -> list[dict]:
-    """Both modes of one op x dtype x shape: a result dict per mode."""
-    op, dtype = OPS[op_name], DTYPES[dtype_name]
-    rows, cols = shape
-    first = make_input_set(op, rows, cols, dtype, device)
-    count = rotation_count(device, sum(t.nbytes for t in first.leaves))
-    input_sets = [first] + [make_input_set(op, rows, cols, dtype, device) for _ in range(count - 1)]
-    implementations = {"fusedact": op.fused, "eager": op.eager}
-
-    reference = float64_reference(op, first)
-    errors = {name: measure_errors(op, function, first, reference) for name, function in implementations.items()}
-    del reference
-
-    results = []
-    for mode in MODES:
-        nbytes = minimal_bytes(op, mode, rows, cols, dtype.itemsize)
-        result = {"op": op_name, "dtype": dtype_name, "shape": [rows, cols], "mode": mode, "bytes": nbytes}
-        for name, function in implementations.items():
-            ms = time_ms(timed_call(function, input_sets, mode), device, quick)
-            result[name] = {"ms": ms, "gbps": nbytes / (ms[0] * 1e-3) / 1e9, "max_abs_error": errors[name]}
-        result["speedup"] = result["eager"]["ms"][0] / result["fusedact"]["ms"][0]
-        result["input_sets"] = count
-        results.append(result)
-    return results
-
-
-TABLE_HEADER = (
-    "| op | dtype | shape | mode | fusedact ms | eager ms | speedup | fusedact GB/s | eager GB/s "
-    "| fusedact max err | eager max err |\n"
-    "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|"
-)
-
-
-def table_row(result: dict) -> str:
-    """One markdown row; the error shown is the output's (fwd) or the input gradients' (fwd+bwd)."""
-    error_key = "output" if result["mode"] == "fwd" else "input_grad"
-    fused, eager = result["fusedact"], result["eager"]
-    cells = [
-        result["op"],
-        result["dtype"],
-        "x".join(map(str, result["shape"])),
-        result["mode"],
-        f"{fused['ms'][0]:.3f}",
-        f"{eager['ms'][0]:.3f}",
-        f"{result['speedup']:.2f}x",
-        f"{fused['gbps']:.1f}",
-        f"{eager['gbps']:.1f}",
-        f"{fused['max_abs_error'][error_key]:.2e}",
-        f"{eager['max_abs_error'][error_key]:.2e}",
-    ]
-    return "| " + " | ".join(cells) + " |"
-
-
-def describe_environment(device: torch.device) -> dict[str, str]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        timing = "triton.testing.do_bench median (L2 flushed before each call)"
-    else:
-        name = f"CPU (PyTorch fallback, not the Triton kernels), {torch.get_num_threads()} threads"
-        timing = "median wall-clock time of single calls after warm-up"
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__ if triton is not None else "not installed",
-        "fusedact": fusedact.__version__,
-        "timing": timing,
-    }
-
-
-LEGEND = """\
-GB/s: the minimal bytes (inputs read once, output written once; fwd+bwd adds grad_out and the saved tensor
-read and the input gradient written) over the median time, for both columns; eager moves more than that.
-shape: rows x cols of x (of each of gate and up for swiglu); every input has a bias of length cols.
-max err: max |result - float64 reference| of the output (fwd) or the input gradient(s) (fwd+bwd); the
-reference is the eager formula in float64 on the same inputs."""
-
-
-def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, torch.device]:
+def build_parser(op_names: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description="fusedact vs eager PyTorch: time, GB/s, error vs float64."
+        prog="python -m bench",
+        description="fusedact vs eager PyTorch, torch.compile and Liger: time, GB/s, % of copy bandwidth, "
+        "speedup, and every provider's max error against float64.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"ops: {' '.join(op_names)} (or all)\n"
+        f"default ops: {' '.join(DEFAULT_OPS)}\n"
+        f"default GPU shapes: tokens x hidden grid and odd sizes: {' '.join(map(format_shape, GPU_SHAPES))}\n"
+        f"default GPU compile shapes: {' '.join(map(format_shape, GPU_COMPILE_SHAPES))}\n"
+        f"default CPU shapes: {' '.join(map(format_shape, CPU_SHAPES))}",
     )
+    parser.add_argument("--ops", nargs="+", choices=[*op_names, "all"], metavar="OP", help="ops to sweep")
     parser.add_argument(
-        "--ops",
+        "--dtypes", nargs="+", choices=list(DTYPES), metavar="DTYPE", help="bf16 fp16 fp32 (default: all on a GPU)"
+    )
+    parser.add_argument("--shapes", nargs="+", type=shape_argument, metavar="ROWSxCOLS", help="e.g. 8192x4096")
+    parser.add_argument(
+        "--compile-shapes",
         nargs="+",
-        choices=list(OPS),
-        default=list(OPS),
-        metavar="OP",
-        help=f"any of {' '.join(OPS)} (default: all)",
+        metavar="ROWSxCOLS",
+        help="shapes at which torch.compile runs, or 'all' (default: the GPU compile shapes on the default GPU "
+        "sweep, else every swept shape)",
     )
     parser.add_argument(
-        "--dtypes",
+        "--compile-dtypes",
         nargs="+",
         choices=list(DTYPES),
         metavar="DTYPE",
-        help=f"any of {' '.join(DTYPES)} (default: bf16 fp16 fp32 on a GPU, fp32 bf16 on the CPU)",
+        help="dtypes at which torch.compile runs (default: bf16 on the default GPU sweep, else every swept dtype)",
     )
+    parser.add_argument("--modes", nargs="+", choices=MODES, metavar="MODE", help="fwd bwd fwd+bwd (default: all)")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        choices=PROVIDERS,
+        metavar="PROVIDER",
+        help=f"any of {' '.join(PROVIDERS)} (default: all on a GPU, fusedact eager on the CPU)",
+    )
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, metavar="SECTION", help="overhead memory sweep")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if available")
-    parser.add_argument("--quick", action="store_true", help="the smallest shape only, shorter timing")
-    parser.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
-    args = parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true", help="one shape, shorter timing")
+    parser.add_argument("--rep-ms", type=float, help="ms of calls per timing (default: 25 GPU, 100 CPU; quick 20)")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS", help="start no sweep point after this")
+    parser.add_argument(
+        "--out",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="write JSON, CSV, markdown and PNG plots into DIR (no DIR: bench/results/<device>-<date>/)",
+    )
+    parser.add_argument("--plan", action="store_true", help="print what would run and a rough time; run nothing")
+    return parser
 
-    device_type = args.device
+
+def resolve_device(parser: argparse.ArgumentParser, requested: str, plan_only: bool) -> torch.device:
+    """The device to run on; ``--plan`` may name cuda without one (it only prints the GPU sweep)."""
+    device_type = requested
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if plan_only:
+        return torch.device(device_type)
     if device_type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     if device_type == "cuda" and triton is None:
         parser.error("--device cuda: triton is not installed")
-    return args, torch.device(device_type)
+    return torch.device(device_type)
+
+
+def resolve_compile_points(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, device: torch.device, shapes, dtypes
+) -> tuple[tuple[tuple[int, int], ...], tuple[str, ...]]:
+    """(compile shapes, compile dtypes): by default the GPU's compile shapes in bf16 when the whole default
+    GPU grid is swept (compiling every point would take an hour), else every swept shape and dtype."""
+    default_gpu_grid = device.type == "cuda" and args.shapes is None and not args.quick
+    if args.compile_shapes is None:
+        compile_shapes = GPU_COMPILE_SHAPES if default_gpu_grid else shapes
+    elif args.compile_shapes == ["all"]:
+        compile_shapes = shapes
+    else:
+        try:
+            compile_shapes = tuple(parse_shape(text) for text in args.compile_shapes)
+        except ValueError as error:
+            parser.error(f"--compile-shapes: {error}")
+    compile_dtypes = args.compile_dtypes or (GPU_COMPILE_DTYPES if default_gpu_grid else dtypes)
+    return compile_shapes, tuple(compile_dtypes)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[Settings, torch.device, Optional[str], bool, list[str]]:
+    """Settings, device, ``--out`` (None, "" for the default directory, or DIR), ``--plan``, and notes."""
+    ops = available_ops()
+    parser = build_parser(list(ops))
+    args = parser.parse_args(argv)
+    device = resolve_device(parser, args.device, args.plan)
+    notes = []
+
+    op_names = tuple(ops) if args.ops and "all" in args.ops else tuple(args.ops or DEFAULT_OPS)
+    missing = [name for name in op_names if name not in ops]
+    op_names = tuple(name for name in op_names if name in ops)
+    if missing:  # only default ops can be missing: --ops choices are the available ones
+        notes.append(f"this fusedact has no {', '.join(missing)}: left out")
+    if device.type == "cuda":
+        shapes = GPU_QUICK_SHAPES if args.quick else GPU_SHAPES
+        providers = args.providers or PROVIDERS
+    else:
+        shapes = CPU_QUICK_SHAPES if args.quick else CPU_SHAPES
+        providers = args.providers or ("fusedact", "eager")
+    shapes = tuple(args.shapes or shapes)
+    if "liger" in providers and not any(liger_function(ops[name]) for name in op_names if ops[name].liger):
+        if args.providers and "liger" in args.providers:
+            notes.append("liger_kernel does not import (or no selected op has a Liger version): Liger skipped")
+        providers = tuple(p for p in providers if p != "liger")
+    if "fusedact" not in providers:
+        providers = ("fusedact", *providers)  # every speedup is fusedact's
+    rep_ms = args.rep_ms or DEFAULT_REP_MS[(device.type, args.quick)]
+    if rep_ms <= 0:
+        parser.error("--rep-ms must be positive")
+    if args.time_limit is not None and args.time_limit <= 0:
+        parser.error("--time-limit must be positive")
+    dtypes = tuple(args.dtypes or DEFAULT_DTYPES[device.type])
+    compile_shapes, compile_dtypes = resolve_compile_points(args, parser, device, shapes, dtypes)
+    settings = Settings(
+        ops=op_names,
+        dtypes=dtypes,
+        shapes=shapes,
+        compile_shapes=compile_shapes,
+        compile_dtypes=compile_dtypes,
+        modes=tuple(args.modes or MODES),
+        providers=tuple(providers),
+        sections=tuple(args.sections or SECTIONS),
+        rep_ms=rep_ms,
+        quick=args.quick,
+        time_limit_s=args.time_limit,
+    )
+    return settings, device, args.out, args.plan, notes
+
+
+# Rough costs for --plan: seconds per timing beyond its rep time, per point, per compile of one graph.
+PLAN_COSTS = {
+    "cuda": {"timing": 0.02, "point": 0.1, "compile": 4.0},
+    "cpu": {"timing": 0.01, "point": 0.2, "compile": 30.0},
+}
+
+
+def plan(settings: Settings, device: torch.device) -> str:
+    """What the sweep runs, and a rough estimate of its time (the sections before it add about a minute
+    on a GPU with torch.compile, seconds without)."""
+    points = settings.points()
+    providers = [settings.providers_at(dtype, shape) for dtype, _, shape in points]
+    timings = sum(len(here) for here in providers) * len(settings.modes)
+    compiled = sum(provider in COMPILE_MODES for here in providers for provider in here)
+    graphs = 2 * compiled  # an inference graph and a training graph (forward + backward) per point
+    costs = PLAN_COSTS[device.type]
+    seconds = timings * (settings.rep_ms * 1.3e-3 + costs["timing"]) + len(points) * costs["point"]
+    seconds += graphs * costs["compile"]
+    return "\n".join(
+        [
+            f"device: {device.type}; sections: {' '.join(settings.sections)}",
+            f"ops: {' '.join(settings.ops)}",
+            f"dtypes: {' '.join(settings.dtypes)}; modes: {' '.join(settings.modes)}",
+            f"shapes ({len(settings.shapes)}): {' '.join(map(format_shape, settings.shapes))}",
+            f"providers: {' '.join(settings.providers)}; torch.compile at "
+            f"{' '.join(map(format_shape, settings.compile_shapes))} in {' '.join(settings.compile_dtypes)}",
+            f"sweep: {len(points)} points, {timings} timings, {graphs} torch.compile graphs",
+            f"rough sweep time: {seconds / 60:.1f} min (rep {settings.rep_ms:g} ms per timing)",
+        ]
+    )
+
+
+def run_sweep(
+    settings: Settings, device: torch.device, copy_gbps: float, report: dict, save
+) -> tuple[list[dict], list[str]]:
+    """Every point of the sweep; prints each row as it comes. Returns the records and the points left out
+    by the time limit. ``save(report)`` is called after every point, so a killed run keeps what it measured."""
+    ops = available_ops()
+    points = settings.points()
+    providers = [p for p in settings.providers if p != "liger" or any(ops[o].liger for o in settings.ops)]
+    print(sweep_header(providers), flush=True)
+    progress = Progress(len(points))
+    skipped = []
+    try:
+        for dtype_name, op_name, shape in points:
+            label = f"{op_name} {dtype_name} {format_shape(shape)}"
+            if settings.time_limit_s is not None and time.perf_counter() - report["started"] > settings.time_limit_s:
+                skipped.append(label)
+                continue
+            progress.begin(label)
+            records = run_point(
+                ops[op_name], dtype_name, shape, settings.modes, settings.providers_at(dtype_name, shape), device,
+                settings.rep_ms, copy_gbps,
+            )  # fmt: skip
+            for record in records:
+                progress.write(sweep_row(record, providers))
+            report["results"].extend(records)
+            save(report)
+            progress.end()
+    finally:
+        progress.close()
+    return report["results"], skipped
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; print a markdown table, and write JSON if ``--json`` is given. Returns 0."""
-    args, device = parse_args(argv)
-    dtype_names = args.dtypes or DEFAULT_DTYPES[device.type]
-    shapes = SHAPES[device.type][:1] if args.quick else SHAPES[device.type]
-    environment = describe_environment(device)
+    """Run the benchmark: print tables; with ``--out``, write every file. Returns 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings, device, out_argument, plan_only, notes = parse_args(argv)
+    if plan_only:
+        print(plan(settings, device))
+        return 0
+    metadata = environment(device, argv)
+    out_dir = out_dir_from(out_argument, metadata)
+    report = {
+        "metadata": metadata,
+        "settings": settings.as_dict(),
+        "notes": notes,
+        "started": time.perf_counter(),
+        "copy_bandwidth": {},
+        "host_overhead": [],
+        "memory": [],
+        "results": [],
+        "skipped": [],
+        "targets": [],
+    }
 
-    print("# fusedact benchmark\n")
-    print(" | ".join(f"{key}: {value}" for key, value in environment.items() if key != "timing"))
-    print(f"timing: {environment['timing']}\n")
-    print(TABLE_HEADER, flush=True)
+    def save(current: dict, with_plots: bool = False) -> None:
+        if out_dir is not None:
+            current["elapsed_s"] = round(time.perf_counter() - current["started"], 1)
+            current["targets"] = check_targets(current)
+            write_report({k: v for k, v in current.items() if k != "started"}, out_dir, with_plots)
+
+    print(f"# fusedact benchmark: {metadata['device']}\n")
+    print(" | ".join(f"{key}: {metadata[key]}" for key in ("torch", "triton", "fusedact", "git_commit")))
+    print(f"timing: {metadata['timing']}")
+    for note in notes:
+        print(f"note: {note}")
 
     torch.manual_seed(0)
     previous_cpu_backend = fusedact.get_cpu_backend()
-    fusedact.set_cpu_backend("torch")  # what the header promises, even if TRITON_INTERPRET=1 is set
-    results = []
+    fusedact.set_cpu_backend("torch")  # CPU numbers are the fallback's, as labelled, even under TRITON_INTERPRET=1
     try:
-        for op_name, dtype_name, shape in itertools.product(args.ops, dtype_names, shapes):
-            for result in bench_case(op_name, dtype_name, shape, device, args.quick):
-                print(table_row(result), flush=True)
-                results.append(result)
+        report["copy_bandwidth"] = copy = copy_bandwidth(device, settings.rep_ms)
+        print(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] / 2**30:.2f} GiB read + written)\n")
+        if "overhead" in settings.sections:
+            report["host_overhead"] = measure_overhead(available_ops(), settings.dtypes[0], device, settings.quick)
+            save(report)
+        if "memory" in settings.sections:
+            report["memory"] = measure_blocks(settings.providers, settings.dtypes[0], device, settings.rep_ms)
+            save(report)
+        if "sweep" in settings.sections:
+            _, report["skipped"] = run_sweep(settings, device, copy["gbps"], report, save)
     finally:
         fusedact.set_cpu_backend(previous_cpu_backend)
-    print("\n" + LEGEND)
 
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({**environment, "results": results}, file, indent=2)
+    print("\n" + SWEEP_LEGEND)
+    report["targets"] = check_targets(report)
+    print("\n## Targets (inputs of 64 MiB and more)\n\n" + targets_table(report["targets"]))
+    if report["skipped"]:
+        print(f"\ntime limit reached: {len(report['skipped'])} points not measured (listed in the report)")
+    if out_dir is not None:
+        save(report, with_plots=True)
+        print(f"\nwrote {out_dir}/")
     return 0
 
 
