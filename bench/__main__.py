@@ -57,6 +57,7 @@ from .report import (
     Progress,
     check_targets,
     environment,
+    failures,
     out_dir_from,
     sweep_header,
     sweep_row,
@@ -372,6 +373,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\n" + SWEEP_LEGEND)
     report["targets"] = check_targets(report)
     print("\n## Targets (inputs of 64 MiB and more)\n\n" + targets_table(report["targets"]))
+    for line in failures(report):
+        print(f"failed: {line}")
     if report["skipped"]:
         print(f"\ntime limit reached: {len(report['skipped'])} points not measured (listed in the report)")
     if out_dir is not None:

@@ -354,7 +354,13 @@ def worst(first: float, second: float) -> float:
     return max(first, second)
 
 
-def reference_errors(op: Op, inputs: InputSet, output: Tensor, grads: Sequence[Tensor]) -> dict[str, float]:
+def reference_errors(
+    op: Op,
+    inputs: InputSet,
+    output: Tensor,
+    grads: Sequence[Tensor],
+    chunk_elements: int = REFERENCE_CHUNK_ELEMENTS,
+) -> dict[str, float]:
     """Max abs error of ``output`` and ``grads`` (one per leaf) against the float64 reference.
 
     Keys: ``output``, ``input_grad`` (over every input) and, for ops with a bias, ``bias_grad``.
@@ -362,7 +368,7 @@ def reference_errors(op: Op, inputs: InputSet, output: Tensor, grads: Sequence[T
     is_input = [leaf.dim() == 2 for leaf in inputs.leaves]
     errors = {"output": 0.0, "input_grad": 0.0}
     bias_sums = [None if row_leaf else 0.0 for row_leaf in is_input]
-    for rows_slice, reference_output, reference_grads in reference_chunks(op, inputs):
+    for rows_slice, reference_output, reference_grads in reference_chunks(op, inputs, chunk_elements):
         errors["output"] = worst(errors["output"], max_abs_error(output[rows_slice], reference_output))
         for index, reference_grad in enumerate(reference_grads):
             if is_input[index]:

@@ -196,6 +196,26 @@ formula in float64 on the same inputs (a bias gradient sums every row: its error
 without bias)."""
 
 
+def failures(report: dict) -> list[str]:
+    """Each distinct failure (provider and message) of the sweep, with how many points it hit."""
+    counts: dict[tuple[str, str], list[str]] = {}
+    for record in report["results"]:
+        if record["mode"] != record_modes(report)[0]:
+            continue  # a provider fails for every mode of a point at once: count points, not modes
+        for provider, entry in record["providers"].items():
+            if "failed" in entry:
+                point = f"{record['op']} {record['dtype']} {record['rows']}x{record['cols']}"
+                counts.setdefault((provider, entry["failed"]), []).append(point)
+    return [
+        f"{provider}: {message} ({len(points)} points, e.g. {points[0]})"
+        for (provider, message), points in counts.items()
+    ]
+
+
+def record_modes(report: dict) -> list[str]:
+    return list(dict.fromkeys(record["mode"] for record in report["results"])) or ["fwd"]
+
+
 def memory_table(records: Sequence[dict]) -> str:
     lines = [
         "| block | tokens x D -> F | dtype | provider | peak MiB | extra MiB | step ms | max diff vs eager |",
@@ -340,6 +360,9 @@ def markdown_report(report: dict, plot_files: Sequence[str] = ()) -> str:
     parts += [targets_table(report["targets"]), "", "## Time, bandwidth and error", ""]
     providers = providers_in(report["results"])
     parts += [sweep_header(providers), *(sweep_row(r, providers) for r in report["results"]), "", SWEEP_LEGEND]
+    failed = failures(report)
+    if failed:
+        parts += ["", "## Failures", ""] + [f"- {line}" for line in failed]
     parts += ["", "## Training memory and step time of MLP blocks", "", memory_table(report["memory"])]
     parts += ["", "## Host overhead (tiny tensor)", "", overhead_table(report["host_overhead"])]
     if report["skipped"]:
@@ -457,25 +480,31 @@ def _plot_grid(plt, records: Sequence[dict], kind: str, copy_gbps: float):
 
 
 class Progress:
-    """A progress bar on stderr (tqdm when installed, else one line per point) that lets rows through to
-    stdout. ``begin(label)`` before a point, ``end()`` after it."""
+    """Progress on stderr while rows go to stdout. On a terminal a tqdm bar when tqdm is installed; else
+    (no tqdm, or output to a log file) a line at the first point and then at most every ``every_s``
+    seconds. ``begin(label)`` before a point, ``end()`` after it."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.count, self.start = total, 0, time.perf_counter()
-        try:
-            from tqdm import tqdm
+    def __init__(self, total: int, every_s: float = 15.0) -> None:
+        self.total, self.count, self.every_s = total, 0, every_s
+        self.start = self.last_line = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
-        except ImportError:
-            self.bar = None
+                self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
+            except ImportError:
+                pass
 
     def begin(self, label: str) -> None:
         self.count += 1
         if self.bar is not None:
             self.bar.set_description(label)
-        else:
-            elapsed = time.perf_counter() - self.start
-            print(f"[{self.count}/{self.total}, {elapsed:.0f} s] {label}", file=sys.stderr, flush=True)
+            return
+        now = time.perf_counter()
+        if self.count == 1 or now - self.last_line >= self.every_s:
+            self.last_line = now
+            print(f"[{self.count}/{self.total}, {now - self.start:.0f} s] {label}", file=sys.stderr, flush=True)
 
     def end(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,391 @@
+"""Tests of the benchmark harness (``bench/``): byte counts, the float64 reference and its errors, the
+targets check, the files a quick CPU run writes, and the command line's errors. Never its speed.
+
+``bench`` is not installed: it is loaded from its directory as a package, without putting the repository
+root on ``sys.path`` (a top-level ``kernels`` directory there would shadow what transformers probes for).
+The end-to-end run is a real ``python -m bench`` in a subprocess, from the repository root.
+"""
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusedact
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def import_bench(module: str):
+    """``bench.<module>``, with the ``bench`` package loaded from ``ROOT/bench`` if it is not yet."""
+    if "bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "bench", ROOT / "bench" / "__init__.py", submodule_search_locations=[str(ROOT / "bench")]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["bench"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"bench.{module}")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return import_bench("cases")
+
+
+@pytest.fixture
+def torch_backend():
+    """The harness measures fusedact's PyTorch fallback on the CPU; so do these tests."""
+    previous = fusedact.get_cpu_backend()
+    fusedact.set_cpu_backend("torch")
+    yield
+    fusedact.set_cpu_backend(previous)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Byte counts
+
+
+@pytest.mark.parametrize(
+    "op_name, mode, elements",
+    [
+        # N = rows x cols, C = cols. README: gelu(x + b) forward reads x, writes y = 2N (+ the bias).
+        ("gelu", "fwd", lambda n, c: 2 * n + c),
+        # backward reads grad_y, x, b; writes grad_x, grad_b.
+        ("gelu", "bwd", lambda n, c: 3 * n + 2 * c),
+        ("relu", "fwd+bwd", lambda n, c: 5 * n + 3 * c),
+        # README: silu(g + bg) * (u + bu) forward reads g, u, writes y = 3N (+ two biases).
+        ("swiglu_bias", "fwd", lambda n, c: 3 * n + 2 * c),
+        ("swiglu_bias", "bwd", lambda n, c: 5 * n + 4 * c),
+        ("swiglu", "fwd", lambda n, c: 3 * n),
+        ("swiglu", "bwd", lambda n, c: 5 * n),
+        # packed [gate | up] of width 2C: the same bytes as two tensors of width C.
+        ("swiglu_packed", "fwd", lambda n, c: 3 * n),
+        ("swiglu_packed", "fwd+bwd", lambda n, c: 8 * n),
+    ],
+)
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_minimal_bytes_match_the_hand_count(cases, op_name, mode, elements, itemsize):
+    rows, cols = 6, 10
+    op = cases.available_ops()[op_name]
+    assert cases.case_bytes(op, mode, rows, cols, itemsize) == elements(rows * cols, cols) * itemsize
+
+
+def test_input_tensor_bytes_is_the_largest_input(cases):
+    ops = cases.available_ops()
+    assert cases.input_tensor_bytes(ops["gelu"], 8192, 4096, 2) == 64 * 2**20
+    assert cases.input_tensor_bytes(ops["swiglu_packed"], 8192, 4096, 2) == 128 * 2**20
+
+
+def test_rotation_spans_four_l2_sizes(cases, monkeypatch):
+    timing = import_bench("timing")
+    monkeypatch.setattr(timing, "l2_bytes", lambda device: 50 * 2**20)
+    gpu = torch.device("cuda")
+    assert timing.rotation_count(gpu, 20 * 2**20) == 10
+    assert timing.rotation_count(gpu, 2**10) == timing.MAX_INPUT_SETS
+    assert timing.rotation_count(gpu, 60 * 2**20) == 1
+    assert timing.rotation_count(torch.device("cpu"), 2**10) == 1
+
+
+@pytest.mark.parametrize("text, shape", [("8192x4096", (8192, 4096)), ("1X760", (1, 760))])
+def test_parse_shape(cases, text, shape):
+    assert cases.parse_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["8192", "0x5", "3x-1", "axb", "1x2x3"])
+def test_parse_shape_rejects(cases, text):
+    with pytest.raises(ValueError, match="ROWSxCOLS|>= 1"):
+        cases.parse_shape(text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference and the errors
+
+
+def test_every_op_and_its_eager_twin_compute_the_same(cases, torch_backend):
+    """The op table pairs each fused call with the eager code it replaces: same leaves, same result."""
+    for op in cases.available_ops().values():
+        inputs = cases.make_input_set(op, 5, 12, torch.float64, torch.device("cpu"))
+        fused, eager = op.fused(*inputs.detached), op.eager(*inputs.detached)
+        assert fused.shape == eager.shape == (5, 12), op.name
+        torch.testing.assert_close(fused, eager, msg=f"{op.name}: fusedact vs {op.eager_text}")
+
+
+def test_reference_errors_of_the_reference_are_zero_and_see_a_perturbation(cases):
+    op = cases.available_ops()["swiglu_bias"]
+    inputs = cases.make_input_set(op, 7, 9, torch.float32, torch.device("cpu"))
+    leaves = [t.detach().double().requires_grad_() for t in inputs.leaves]
+    output, grads = cases.forward_backward(op.eager, leaves, inputs.grad_out.double())
+    errors = cases.reference_errors(op, inputs, output.detach(), grads)
+    assert errors == {"output": 0.0, "input_grad": 0.0, "bias_grad": 0.0}
+
+    perturbed = [g.clone() for g in grads]
+    perturbed[1][3, 4] += 0.25  # an input gradient (up)
+    perturbed[3][2] -= 0.5  # a bias gradient (up_bias)
+    errors = cases.reference_errors(op, inputs, output.detach() + 0.125, perturbed)
+    assert errors == pytest.approx({"output": 0.125, "input_grad": 0.25, "bias_grad": 0.5})
+
+
+def test_reference_in_chunks_sums_bias_gradients_over_all_rows(cases, torch_backend):
+    """Row chunks of 2 rows give the same errors as one chunk: the bias gradient adds up every chunk."""
+    op = cases.available_ops()["gelu"]
+    inputs = cases.make_input_set(op, 11, 6, torch.float32, torch.device("cpu"))
+    output, grads = cases.forward_backward(op.fused, inputs.leaves, inputs.grad_out)
+    whole = cases.reference_errors(op, inputs, output.detach(), grads)
+    chunked = cases.reference_errors(op, inputs, output.detach(), grads, chunk_elements=12)
+    assert len(list(cases.reference_chunks(op, inputs, chunk_elements=12))) == 6
+    assert chunked == pytest.approx(whole, rel=1e-9, abs=1e-12)
+
+
+def reference_scales(cases, op, inputs) -> dict[str, float]:
+    """max |value| of the float64 output, input gradients and bias gradients: what an error is relative to."""
+    leaves = [t.detach().double().requires_grad_() for t in inputs.leaves]
+    output, grads = cases.forward_backward(op.eager, leaves, inputs.grad_out.double())
+    input_grads = [g for g, leaf in zip(grads, leaves, strict=True) if leaf.dim() == 2]
+    bias_grads = [g for g, leaf in zip(grads, leaves, strict=True) if leaf.dim() == 1]
+    largest = lambda tensors: max([1.0] + [t.abs().max().item() for t in tensors])  # noqa: E731
+    return {"output": largest([output]), "input_grad": largest(input_grads), "bias_grad": largest(bias_grads)}
+
+
+# Relative to the largest value: fp32 results are within a few ULP, bf16 ones within about two roundings
+# (eager rounds x + b before the activation; a gradient through the product of two rounded values).
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", list(RELATIVE_TOLERANCE))
+@pytest.mark.parametrize("provider", ["fusedact", "eager"])
+def test_measured_errors_are_small(cases, torch_backend, dtype, provider):
+    for op in cases.available_ops().values():
+        inputs = cases.make_input_set(op, 16, 32, dtype, torch.device("cpu"))
+        errors = cases.measure_errors(op, cases.provider_function(op, provider), inputs)
+        expected_keys = {"output", "input_grad"} | ({"bias_grad"} if cases.has_bias(op) else set())
+        assert set(errors) == expected_keys, op.name
+        scales = reference_scales(cases, op, inputs)
+        for key, error in errors.items():
+            assert error <= RELATIVE_TOLERANCE[dtype] * scales[key], (op.name, key, errors, scales)
+
+
+def test_worst_error_keeps_nan(cases):
+    assert math.isnan(cases.worst(0.5, math.nan)) and math.isnan(cases.worst(math.nan, 0.5))
+    assert cases.worst(0.5, 0.25) == 0.5
+
+
+def test_liger_is_none_without_liger_or_for_an_op_it_lacks(cases):
+    ops = cases.available_ops()
+    assert cases.liger_function(ops["gelu"]) is None
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert cases.liger_function(ops["swiglu"]) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets and tables, on made-up records
+
+
+def made_up_record(op="gelu", mode="fwd", input_bytes=128 * 2**20, pct_copy=95.0, speedup=None, failed=None):
+    fused = {"ms": [1.0, 0.9, 1.1], "gbps": 3000.0, "pct_copy": pct_copy, "errors": {"output": 1e-3}}
+    fused["errors"].update(input_grad=2e-3, bias_grad=3e-2)
+    providers = {"fusedact": fused, "eager": {"ms": [2.0, 1.9, 2.1], "gbps": 1500.0, "pct_copy": 50.0}}
+    providers["eager"]["errors"] = dict(fused["errors"])
+    if failed:
+        providers["compile"] = {"failed": failed}
+    layout = "gated" if op == "swiglu" else "bias"
+    return {
+        "op": op, "dtype": "bf16", "rows": 8192, "cols": 8192, "mode": mode, "bytes": 3 * input_bytes,
+        "input_bytes": input_bytes, "layout": layout, "has_bias": layout == "bias", "providers": providers,
+        "speedup": speedup or {"eager": 2.0},
+    }  # fmt: skip
+
+
+def test_targets_report_the_worst_point_and_whether_it_is_met():
+    report = import_bench("report")
+    results = [
+        made_up_record(mode="fwd", speedup={"eager": 2.5, "compile": 1.2}),
+        made_up_record(mode="bwd", pct_copy=85.0, speedup={"eager": 1.2, "compile": 1.3}),
+        made_up_record(mode="fwd", input_bytes=2**20, pct_copy=10.0, speedup={"eager": 0.5}),  # < 64 MiB
+        made_up_record(op="swiglu", mode="fwd", speedup={"eager": 1.7, "liger": 0.9}),
+    ]
+    overhead = [
+        {"op": "gelu", "mode": "fwd", "provider": "fusedact", "us_per_call": 12.0},
+        {"op": "gelu", "mode": "fwd", "provider": "eager", "us_per_call": 10.0},
+    ]
+    memory = [{"block": "swiglu-mlp", "provider": p, "peak_bytes": b} for p, b in [("fusedact", 3), ("eager", 4)]]
+    targets = report.check_targets({"results": results, "host_overhead": overhead, "memory": memory})
+    worst_and_met = {t["target"]: (t["worst"], t["met"]) for t in targets}
+    copy = targets[0]
+    assert (copy["target"], copy["worst"], copy["met"], copy["points"]) == (
+        "fusedact fwd and bwd >= 90% of copy bandwidth",
+        85.0,
+        False,
+        3,
+    )
+    assert copy["where"] == "gelu bf16 8192x8192 bwd"
+    assert worst_and_met["bias+activation fwd >= 1.9x eager"] == (2.5, True)
+    assert worst_and_met["bwd with bias gradient >= 1.3x eager"] == (1.2, False)
+    assert worst_and_met["SwiGLU fwd >= 1.6x eager"] == (1.7, True)
+    assert worst_and_met["every op and mode >= 1.0x torch.compile"] == (1.2, True)
+    assert worst_and_met["bwd with bias gradient >= 1.15x torch.compile"] == (1.3, True)
+    assert worst_and_met["SwiGLU >= 1.0x Liger"] == (0.9, False)
+    assert worst_and_met["host overhead per call <= eager's (fusedact / eager)"] == (pytest.approx(1.2), False)
+    assert worst_and_met["swiglu-mlp peak memory < eager's (fusedact / eager)"] == (0.75, True)
+    table = report.targets_table(targets)
+    assert "| **no** |" in table and "| yes |" in table
+
+
+def test_tables_and_csv_show_failures_and_both_gradient_errors():
+    report = import_bench("report")
+    record = made_up_record(mode="bwd", failed="OutOfMemoryError: CUDA out of memory")
+    providers = report.providers_in([record])
+    assert providers == ["fusedact", "eager", "compile"]
+    row = report.sweep_row(record, providers)
+    assert "| 2.00x | failed |" in row and "2.0e-03 / 3.0e-02" in row
+    assert row.count("|") == report.sweep_header(providers).splitlines()[0].count("|")
+    rows = list(report.csv_rows([record]))
+    assert [r["provider"] for r in rows] == providers
+    assert rows[2]["failed"].startswith("OutOfMemoryError") and rows[1]["fusedact_speedup"] == 2.0
+    assert report.failures({"results": [record]}) == [
+        "compile: OutOfMemoryError: CUDA out of memory (1 points, e.g. gelu bf16 8192x8192)"
+    ]
+
+
+def test_device_slug():
+    report = import_bench("report")
+    assert report.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert report.device_slug("CPU: AMD EPYC, 2 threads") == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_bench(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m bench ARGS`` from the repository root, as the README runs it."""
+    command = [sys.executable, "-m", "bench", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+# Absolute bounds for randn inputs of 256 x 1024: values up to about 20 (a gate times an up), bias
+# gradients summing 256 rows. Loose on purpose: test_measured_errors_are_small checks the scale.
+SANE_ERRORS = {
+    "fp32": {"output": 1e-4, "input_grad": 1e-3, "bias_grad": 1e-2},
+    "bf16": {"output": 0.5, "input_grad": 1.0, "bias_grad": 4.0},
+}
+
+
+def test_quick_cpu_run_writes_every_report(tmp_path):
+    out = tmp_path / "results"
+    ops, dtypes = ["gelu", "swiglu_bias", "swiglu_packed"], ["fp32", "bf16"]
+    done = run_bench("--quick", "--device", "cpu", "--ops", *ops, "--dtypes", *dtypes, "--rep-ms", "2", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "| op | dtype | shape | mode |" in done.stdout and "fusedact ms" in done.stdout
+
+    report = json.loads((out / "cpu.json").read_text())
+    assert report["metadata"]["device"].startswith("CPU") and "fallback" in report["metadata"]["note"]
+    for key in ("torch", "triton", "date", "git_commit", "driver", "command"):
+        assert report["metadata"][key]
+    assert report["copy_bandwidth"]["gbps"] > 0
+    results = report["results"]
+    assert len(results) == len(ops) * len(dtypes) * 3
+    assert {(r["op"], r["dtype"], r["mode"]) for r in results} == {
+        (op, dtype, mode) for op in ops for dtype in dtypes for mode in ("fwd", "bwd", "fwd+bwd")
+    }
+    for record in results:
+        assert set(record["providers"]) == {"fusedact", "eager"}, "torch.compile on the CPU only when asked"
+        for provider, entry in record["providers"].items():
+            median, p20, p80 = entry["ms"]
+            assert 0 < p20 <= median <= p80, (provider, entry["ms"])
+            assert entry["gbps"] > 0 and entry["pct_copy"] > 0
+            for key, bound in SANE_ERRORS[record["dtype"]].items():
+                assert entry["errors"].get(key, 0.0) < bound, (record["op"], record["dtype"], provider, entry["errors"])
+        assert record["speedup"]["eager"] > 0
+        assert record["bytes"] > record["input_bytes"] > 0
+
+    memory = {(r["block"], r["provider"]): r for r in report["memory"]}
+    assert set(memory) == {(b, p) for b in ("linear-gelu-linear", "swiglu-mlp") for p in ("fusedact", "eager")}
+    for record in memory.values():
+        assert "peak_bytes" not in record, "no allocator statistics on the CPU: memory is not measured"
+        assert record["ms"][0] > 0 and record["max_abs_diff_vs_eager"] < 1e-3
+    assert {(r["op"], r["provider"], r["mode"]) for r in report["host_overhead"]} == {
+        (op, p, m) for op in ("gelu", "swiglu") for p in ("fusedact", "eager") for m in ("fwd", "fwd+bwd")
+    }
+    assert all(r["us_per_call"] > 0 for r in report["host_overhead"])
+    assert report["targets"] and report["skipped"] == []
+
+    csv_lines = (out / "cpu.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("op,dtype,rows,cols,mode,provider,bytes")
+    assert len(csv_lines) == 1 + 2 * len(results)
+    markdown = (out / "cpu.md").read_text()
+    for heading in ("# fusedact benchmark: CPU", "## Targets", "## Time, bandwidth and error", "## Host overhead"):
+        assert heading in markdown
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert {p.name for p in out.glob("*.png")} == {f"cpu-{k}-{d}.png" for k in ("gbps", "speedup") for d in dtypes}
+    else:
+        assert any("matplotlib" in note for note in report["notes"])
+
+
+def test_time_limit_skips_points_and_still_writes(tmp_path, capsys):
+    main = import_bench("__main__").main
+    argv = ["--device", "cpu", "--quick", "--sections", "sweep", "--ops", "relu", "silu", "--rep-ms", "1"]
+    assert main([*argv, "--time-limit", "1e-9", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "cpu.json").read_text())
+    assert report["results"] == [] and len(report["skipped"]) == 4
+    assert report["host_overhead"] == [] and report["memory"] == []
+    assert "time limit reached: 4 points" in capsys.readouterr().out
+
+
+def test_plan_of_the_default_gpu_sweep(capsys):
+    main = import_bench("__main__").main
+    assert main(["--plan", "--device", "cuda"]) == 0
+    plan = capsys.readouterr().out
+    assert "shapes (23)" in plan and "torch.compile at 8192x11008 in bf16" in plan
+    assert "fusedact eager compile compile-max-autotune" in plan and "rough sweep time" in plan
+    assert main(["--plan", "--device", "cpu"]) == 0
+    assert "providers: fusedact eager;" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ops", "nope"], "invalid choice"),
+        (["--dtypes", "fp8"], "invalid choice"),
+        (["--modes", "backward"], "invalid choice"),
+        (["--providers", "tensorrt"], "invalid choice"),
+        (["--shapes", "4096"], "ROWSxCOLS"),
+        (["--shapes", "0x4096"], ">= 1"),
+        (["--compile-shapes", "big"], "--compile-shapes"),
+        (["--rep-ms", "-1"], "--rep-ms must be positive"),
+        (["--time-limit", "0"], "--time-limit must be positive"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    main = import_bench("__main__").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU that is absent")
+def test_cuda_without_a_gpu_is_an_error(capsys):
+    main = import_bench("__main__").main
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_ptx_report_compiles_a_kernel_for_sm90():
+    """One kernel through triton.compile for sm_90 and ptxas: no GPU needed."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "bench.ptx_report", "--kernels", "bias_act_fwd_kernel"]
+    command += ["--activations", "gelu", "--dtypes", "bf16"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    row = done.stdout.strip().splitlines()[-1]
+    assert row.startswith("| bias_act_fwd_kernel | gelu | bf16 |") and "16 B" in row
