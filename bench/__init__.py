@@ -1,5 +1,16 @@
-"""Benchmark harness for fusedact: ``python -m bench --help``.
+"""Benchmark harness for fusedact: ``python -m bench --help``; ``bench/NOTES.md`` for the GPU run.
 
-The code lives in ``bench/__main__.py`` (``main(argv)`` runs it); this package imports nothing, so that
-``python -m bench`` runs that module exactly once.
+One story, one module each, read in this order:
+
+- ``cases.py``: the ops, the providers (fusedact, eager, torch.compile, Liger), shapes, minimal byte
+  counts, inputs, the float64 reference and every provider's errors;
+- ``timing.py``: ``do_bench`` quantiles on the GPU, a wall-clock timer on the CPU, the copy bandwidth;
+- ``sweep.py``: one op x dtype x shape, every provider and mode, into records;
+- ``memory.py``: peak training memory and step time of two MLP blocks;
+- ``overhead.py``: host time per call on a tiny tensor;
+- ``report.py``: environment, tables, the issue's targets, JSON / CSV / markdown / PNG, progress;
+- ``__main__.py``: the command line (``main(argv)``);
+- ``ptx_report.py``: registers, spills and load widths of every kernel compiled for sm_90, no GPU needed.
+
+This package imports nothing itself, so that ``python -m bench`` runs ``__main__`` exactly once.
 """

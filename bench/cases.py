@@ -233,9 +233,8 @@ ODD_SHAPES = ((77, 760), (1000, 1128), (4095, 11007))
 GPU_SHAPES = tuple(itertools.product(TOKENS, HIDDEN)) + ODD_SHAPES
 GPU_QUICK_SHAPES = ((8192, 4096),)
 # torch.compile costs seconds per shape, op, dtype and graph: on the default GPU sweep it runs at one
-# point where the targets are judged (tensors of 64 MiB and more), Llama-2-7B's MLP width, in bf16.
+# shape where the targets are judged (tensors of 64 MiB and more), Llama-2-7B's MLP width, in bf16.
 GPU_COMPILE_SHAPES = ((8192, 11008),)
-GPU_COMPILE_DTYPES = ("bf16",)
 CPU_SHAPES = ((256, 1024), (1024, 4096), (100, 760))
 CPU_QUICK_SHAPES = ((256, 1024),)
 
