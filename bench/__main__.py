@@ -72,6 +72,7 @@ except ImportError:
     triton = None
 
 SECTIONS = ("overhead", "memory", "sweep")
+SAVE_EVERY_S = 20.0
 DEFAULT_DTYPES = {"cuda": ("bf16", "fp32", "fp16"), "cpu": ("fp32", "bf16")}
 # Milliseconds of calls per timing: do_bench's ``rep`` on the GPU, the CPU timer's budget on the CPU.
 DEFAULT_REP_MS = {("cuda", False): 25.0, ("cuda", True): 20.0, ("cpu", False): 100.0, ("cpu", True): 20.0}
@@ -291,7 +292,7 @@ def run_sweep(
     settings: Settings, device: torch.device, copy_gbps: float, report: dict, save
 ) -> tuple[list[dict], list[str]]:
     """Every point of the sweep; prints each row as it comes. Returns the records and the points left out
-    by the time limit. ``save(report)`` is called after every point, so a killed run keeps what it measured."""
+    by the time limit. ``save(report)`` follows every point, so a killed run keeps (nearly) all it measured."""
     ops = available_ops()
     points = settings.points()
     providers = [p for p in settings.providers if p != "liger" or any(ops[o].liger for o in settings.ops)]
@@ -341,11 +342,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "targets": [],
     }
 
-    def save(current: dict, with_plots: bool = False) -> None:
-        if out_dir is not None:
-            current["elapsed_s"] = round(time.perf_counter() - current["started"], 1)
-            current["targets"] = check_targets(current)
-            write_report({k: v for k, v in current.items() if k != "started"}, out_dir, with_plots)
+    last_save = [0.0]
+
+    def save(current: dict, final: bool = False) -> None:
+        """Write the report so far (at most every SAVE_EVERY_S: a 2 MB JSON per point would cost half a
+        minute over the default sweep); the final save adds the plots."""
+        now = time.perf_counter()
+        if out_dir is None or (not final and now - last_save[0] < SAVE_EVERY_S):
+            return
+        last_save[0] = now
+        current["elapsed_s"] = round(now - current["started"], 1)
+        current["targets"] = check_targets(current)
+        write_report({k: v for k, v in current.items() if k != "started"}, out_dir, with_plots=final)
 
     print(f"# fusedact benchmark: {metadata['device']}\n")
     print(" | ".join(f"{key}: {metadata[key]}" for key in ("torch", "triton", "fusedact", "git_commit")))
@@ -378,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if report["skipped"]:
         print(f"\ntime limit reached: {len(report['skipped'])} points not measured (listed in the report)")
     if out_dir is not None:
-        save(report, with_plots=True)
+        save(report, final=True)
         print(f"\nwrote {out_dir}/")
     return 0
 
