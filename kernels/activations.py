@@ -141,8 +141,8 @@ def _elu(z, alpha, scale, input_scale):
 
 @triton.jit
 def _elu_backward(grad, z, alpha, scale, input_scale):
-    # `z <= 0` as PyTorch's elu_backward, so a NaN input passes the gradient through the positive branch.
-    return tl.where(z <= 0.0, grad * scale * alpha * input_scale * tl.exp(z * input_scale), grad * scale)
+    # `z > 0` selects the linear branch, so a NaN input takes the exp branch and gives NaN.
+    return tl.where(z > 0.0, grad * scale, grad * scale * alpha * input_scale * tl.exp(z * input_scale))
 
 
 @triton.jit

@@ -17,8 +17,6 @@ Bias gradients are sums over M rows in fp32 before one rounding: the floor becom
 the magnitudes of the summed terms.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -31,33 +29,76 @@ SINGLE_CASES = [
     ("gelu_tanh", "gelu", {"approximate": "tanh"}),
     ("silu", "silu", {}),
     ("swish_beta", "swish", {"beta": 1.702}),
+    ("quick_gelu", "quick_gelu", {}),
+    ("sigmoid", "sigmoid", {}),
+    ("tanh", "tanh", {}),
+    ("elu", "elu", {"alpha": 1.3}),
+    ("selu", "selu", {}),
+    ("celu", "celu", {"alpha": 0.7}),
+    ("relu_squared", "relu_squared", {}),
+    ("mish", "mish", {}),
+    ("heaviside", "heaviside", {"value": 0.5}),
+    ("heaviside_straight_through", "heaviside", {"value": 0.5, "straight_through": True}),
 ]
+# Smooth activations whose PyTorch formula gives NaN at +-inf: the reference takes the limits
+# f(+inf) = +inf, f(-inf) = -0.0, f'(+inf) = 1, f'(-inf) = 0.
+LIMIT_FIXED = ("gelu", "silu", "swish", "quick_gelu", "mish")
+# Activations whose backward reads their output, rounded to the output dtype, as eager PyTorch's does.
+SAVES_OUTPUT = ("sigmoid", "tanh")
 
 _MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
 _MIN_EXPONENT = {torch.float16: -14, torch.bfloat16: -126, torch.float32: -126}
 
 
 def reference_activation(z: torch.Tensor, function: str, params: dict) -> torch.Tensor:
-    """f(z) in float64 from PyTorch's ops, with the limits at +-inf that PyTorch's formulas miss."""
+    """f(z) in float64 from PyTorch's own ops (differentiable), before the limits at +-inf."""
     if function == "relu":
-        y = F.relu(z)
-    elif function == "leaky_relu":
-        y = F.leaky_relu(z, params["negative_slope"])
-    elif function == "gelu":
-        y = F.gelu(z, approximate=params.get("approximate", "none"))
-    elif function == "silu":
-        y = F.silu(z)
-    elif function == "swish":
-        y = z * torch.sigmoid(params["beta"] * z)
-    else:
-        raise ValueError(function)
-    if function in ("gelu", "silu", "swish"):
-        y = torch.where(z == math.inf, math.inf, torch.where(z == -math.inf, -0.0, y))
-    return y
+        return F.relu(z)
+    if function == "leaky_relu":
+        return F.leaky_relu(z, params["negative_slope"])
+    if function == "gelu":
+        return F.gelu(z, approximate=params.get("approximate", "none"))
+    if function == "silu":
+        return F.silu(z)
+    if function == "swish":
+        return z * torch.sigmoid(params["beta"] * z)
+    if function == "quick_gelu":
+        return z * torch.sigmoid(1.702 * z)
+    if function == "sigmoid":
+        return torch.sigmoid(z)
+    if function == "tanh":
+        return torch.tanh(z)
+    if function == "elu":
+        return F.elu(z, params["alpha"])
+    if function == "selu":
+        return F.selu(z)
+    if function == "celu":
+        return F.celu(z, params["alpha"])
+    if function == "relu_squared":
+        return F.relu(z) ** 2
+    if function == "mish":
+        return F.mish(z)
+    if function == "heaviside":
+        return _Step.apply(z, params["value"], params.get("straight_through", False))
+    raise ValueError(function)
 
 
-def reference_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+class _Step(torch.autograd.Function):
+    """torch.heaviside with the derivative fusedact defines: 0, or 1 straight-through."""
+
+    @staticmethod
+    def forward(ctx, z, value, straight_through):
+        ctx.straight_through = straight_through
+        return torch.heaviside(z, torch.tensor(value, dtype=z.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad.clone() if ctx.straight_through else torch.zeros_like(grad)), None, None
+
+
+def gate_reference(z: torch.Tensor, activation: str, params: dict) -> torch.Tensor:
+    """The gate activation of the GLU family, by the name ``fusedact.gated`` takes."""
+    return reference_activation(z, activation, params)
 
 
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -80,6 +121,8 @@ def assert_close(actual: torch.Tensor, reference: torch.Tensor, floor=0.0, what:
     assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
     actual64 = actual.detach().to(torch.float64).cpu()
     reference = reference.detach().to(torch.float64).cpu()
+    # A finite value beyond the dtype's range overflows to inf when stored (relu_squared(1e20) in fp32).
+    reference = torch.where(torch.isinf(reference.to(actual.dtype)), reference.to(actual.dtype).double(), reference)
     nan = torch.isnan(reference)
     assert torch.equal(torch.isnan(actual64), nan), f"{what}: NaN positions differ from the float64 reference"
     inf = torch.isinf(reference)

@@ -9,23 +9,64 @@ CUDA tensors run the Triton kernels; CPU tensors run a PyTorch fallback with the
 """
 
 from . import functional, nn, ops
-from .functional import bias_act, gelu, leaky_relu, relu, silu, swiglu, swiglu_packed, swish
+from .functional import (
+    bias_act,
+    celu,
+    elu,
+    gated,
+    gated_packed,
+    geglu,
+    geglu_packed,
+    gelu,
+    glu,
+    heaviside,
+    leaky_relu,
+    mish,
+    quick_gelu,
+    reglu,
+    reglu_packed,
+    relu,
+    relu_squared,
+    selu,
+    sigmoid,
+    silu,
+    swiglu,
+    swiglu_packed,
+    swish,
+    tanh,
+)
 from .ops import get_cpu_backend, set_cpu_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "bias_act",
+    "celu",
+    "elu",
     "functional",
+    "gated",
+    "gated_packed",
+    "geglu",
+    "geglu_packed",
     "gelu",
     "get_cpu_backend",
+    "glu",
+    "heaviside",
     "leaky_relu",
+    "mish",
     "nn",
     "ops",
+    "quick_gelu",
+    "reglu",
+    "reglu_packed",
     "relu",
+    "relu_squared",
+    "selu",
     "set_cpu_backend",
+    "sigmoid",
     "silu",
     "swiglu",
     "swiglu_packed",
     "swish",
+    "tanh",
 ]

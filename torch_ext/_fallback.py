@@ -44,6 +44,12 @@ def _gelu_tanh_logit(z: Tensor) -> tuple[Tensor, Tensor]:
     return logit, logit_derivative
 
 
+def _mish_tanh_softplus(z: Tensor) -> Tensor:
+    e = torch.exp(z.clamp(max=_MISH_CLAMP))
+    n = e * (e + 2.0)
+    return n / (n + 2.0)
+
+
 def _tame(z: Tensor) -> bool:
     """Every element finite and within TAME_LIMIT (a NaN makes aminmax NaN, so not tame). One pass."""
     if z.numel() == 0:
@@ -52,16 +58,45 @@ def _tame(z: Tensor) -> bool:
     return bool(low > -TAME_LIMIT) and bool(high < TAME_LIMIT)
 
 
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+_MISH_CLAMP = 20.0
+
+
+def _elu_params(activation: str, param: float) -> tuple[float, float, float]:
+    """(alpha, scale, input_scale) of PyTorch's ELU family: elu(alpha), selu, celu(alpha)."""
+    if activation == "elu":
+        return param, 1.0, 1.0
+    if activation == "selu":
+        return _SELU_ALPHA, _SELU_SCALE, 1.0
+    return param, 1.0, 1.0 / param  # celu
+
+
 def activation_forward(z: Tensor, activation: str, param: float) -> Tensor:
+    # Activations whose PyTorch op has the kernels' semantics for every input, inf and NaN included.
     if activation == "relu":
         return torch.relu(z)
     if activation == "leaky_relu":
         return F.leaky_relu(z, param)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation in ("elu", "selu", "celu"):
+        alpha, scale, input_scale = _elu_params(activation, param)
+        return torch.ops.aten.elu(z, alpha, scale, input_scale)
+    if activation == "relu_squared":
+        return torch.relu(z).square()
+    if activation in ("heaviside", "heaviside_ste"):
+        return torch.heaviside(z, z.new_tensor(param))
+    # The smooth ones: PyTorch's ops where they agree with the kernels, the careful twin elsewhere.
     if _tame(z):
         if activation in ("gelu", "gelu_tanh"):
             return F.gelu(z, approximate="none" if activation == "gelu" else "tanh")
         if activation == "swish":
             return F.silu(z) if param == 1.0 else z * torch.sigmoid(param * z)
+        if activation == "mish":
+            return F.mish(z)
     return _careful_forward(z, activation, param)
 
 
@@ -70,6 +105,21 @@ def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: flo
         return torch.ops.aten.threshold_backward(grad, saved, 0)
     if activation == "leaky_relu":
         return torch.ops.aten.leaky_relu_backward(grad, saved, param, False)
+    if activation == "sigmoid":  # saved is the output
+        return torch.ops.aten.sigmoid_backward(grad, saved)
+    if activation == "tanh":  # saved is the output
+        return torch.ops.aten.tanh_backward(grad, saved)
+    if activation in ("elu", "selu", "celu"):
+        alpha, scale, input_scale = _elu_params(activation, param)
+        if _tame(saved):  # (PyTorch's elu_backward passes the gradient at NaN on some paths)
+            return torch.ops.aten.elu_backward(grad, alpha, scale, input_scale, False, saved)
+        return torch.where(saved > 0, grad * scale, grad * scale * alpha * input_scale * torch.exp(saved * input_scale))
+    if activation == "relu_squared":
+        return torch.ops.aten.threshold_backward(2.0 * saved * grad, saved, 0)
+    if activation == "heaviside":
+        return torch.zeros_like(grad)
+    if activation == "heaviside_ste":
+        return grad.clone()
     if _tame(saved):
         if activation in ("gelu", "gelu_tanh"):
             approximate = "none" if activation == "gelu" else "tanh"
@@ -79,6 +129,8 @@ def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: flo
                 return torch.ops.aten.silu_backward(grad, saved)
             s = torch.sigmoid(param * saved)
             return grad * s * (1.0 + param * saved * (1.0 - s))
+        if activation == "mish":
+            return torch.ops.aten.mish_backward(grad, saved)
     return _careful_backward(grad, saved, activation, param)
 
 
@@ -90,6 +142,8 @@ def _careful_forward(z: Tensor, activation: str, param: float) -> Tensor:
         return _scale(z, torch.sigmoid(logit))
     if activation == "swish":
         return _scale(z, torch.sigmoid(param * z))
+    if activation == "mish":
+        return _scale(z, _mish_tanh_softplus(z))
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -105,6 +159,9 @@ def _careful_backward(grad: Tensor, saved: Tensor, activation: str, param: float
     if activation == "swish":
         s = torch.sigmoid(param * saved)
         return grad * (s + _scale(saved, s * (1.0 - s) * param))
+    if activation == "mish":
+        t = _mish_tanh_softplus(saved)
+        return grad * (t + _scale(saved, (1.0 - t * t) * torch.sigmoid(saved)))
     raise ValueError(f"unknown activation {activation!r}")
 
 

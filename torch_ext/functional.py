@@ -62,9 +62,7 @@ def leaky_relu(x: Tensor, bias: Optional[Tensor] = None, negative_slope: float =
 
 def gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
     """z * Phi(z), z = x + bias; ``approximate="tanh"`` for the tanh form. Example: ``fusedact.gelu(x, b)``."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _single(x, bias, "gelu" if approximate == "none" else "gelu_tanh", 0.0)
+    return _single(x, bias, _approximate_to_activation(approximate), 0.0)
 
 
 def silu(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -77,11 +75,66 @@ def swish(x: Tensor, bias: Optional[Tensor] = None, beta: float = 1.0) -> Tensor
     return _single(x, bias, "swish", beta)
 
 
-def swiglu(gate: Tensor, up: Tensor, gate_bias: Optional[Tensor] = None, up_bias: Optional[Tensor] = None) -> Tensor:
-    """silu(gate + gate_bias) * (up + up_bias), the gated MLP of Llama-style models.
+def _approximate_to_activation(approximate: str) -> str:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return "gelu" if approximate == "none" else "gelu_tanh"
 
-    Example: ``fusedact.swiglu(gate_proj(x), up_proj(x))``.
+
+def sigmoid(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """1 / (1 + exp(-z)), z = x + bias: the classifier's output, the LSTM's gates."""
+    return _single(x, bias, "sigmoid", 0.0)
+
+
+def tanh(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """tanh(x + bias): the LSTM's cell activation."""
+    return _single(x, bias, "tanh", 0.0)
+
+
+def elu(x: Tensor, bias: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
+    """z if z > 0 else alpha (exp(z) - 1), z = x + bias (``F.elu``)."""
+    return _single(x, bias, "elu", alpha)
+
+
+def selu(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """scale * elu(z, alpha) with PyTorch's self-normalising constants (``F.selu``)."""
+    return _single(x, bias, "selu", 0.0)
+
+
+def celu(x: Tensor, bias: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
+    """z if z > 0 else alpha (exp(z / alpha) - 1), z = x + bias (``F.celu``)."""
+    if alpha == 0:
+        raise ValueError("alpha must not be 0 for celu")
+    return _single(x, bias, "celu", alpha)
+
+
+def relu_squared(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """max(x + bias, 0)^2, the squared ReLU of Primer."""
+    return _single(x, bias, "relu_squared", 0.0)
+
+
+def quick_gelu(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """z * sigmoid(1.702 z), z = x + bias: CLIP's fast GELU approximation (swish with beta = 1.702)."""
+    return _single(x, bias, "swish", 1.702)
+
+
+def mish(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """z * tanh(softplus(z)), z = x + bias (``F.mish``)."""
+    return _single(x, bias, "mish", 0.0)
+
+
+def heaviside(x: Tensor, bias: Optional[Tensor] = None, value: float = 0.0, straight_through: bool = False) -> Tensor:
+    """The step: 1 where x + bias > 0, ``value`` where it is 0, else 0 (a NaN gives 0, as ``torch.heaviside``).
+
+    The step's derivative is 0 everywhere it exists, so no gradient reaches anything before it: that is why
+    networks of step units (the perceptron) cannot be trained by backpropagation. ``straight_through=True``
+    passes the gradient through unchanged instead (the straight-through estimator, used for binarised
+    networks): a deliberate approximation, never the default.
     """
+    return _single(x, bias, "heaviside_ste" if straight_through else "heaviside", value)
+
+
+def _check_gated(gate: Tensor, up: Tensor, gate_bias: Optional[Tensor], up_bias: Optional[Tensor]) -> None:
     _check_input(gate, "gate")
     _check_input(up, "up")
     if gate.shape != up.shape:
@@ -91,7 +144,52 @@ def swiglu(gate: Tensor, up: Tensor, gate_bias: Optional[Tensor] = None, up_bias
     width = gate.shape[-1] if gate.dim() else 1
     _check_bias(gate_bias, gate, width, "gate_bias", "gate")
     _check_bias(up_bias, up, width, "up_bias", "up")
-    return ops.gated(gate, up, gate_bias, up_bias, "swish", 1.0)
+
+
+def _check_packed(x: Tensor, bias: Optional[Tensor]) -> None:
+    _check_input(x, "x")
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"x must have an even last dimension (two packed halves), got shape {tuple(x.shape)}")
+    _check_bias(bias, x, x.shape[-1], "bias", "x")
+
+
+def gated(
+    gate: Tensor,
+    up: Tensor,
+    gate_bias: Optional[Tensor] = None,
+    up_bias: Optional[Tensor] = None,
+    activation: str = "silu",
+    **params,
+) -> Tensor:
+    """act(gate + gate_bias) * (up + up_bias) for any single-input activation: the GLU family.
+
+    ``gated(g, u)`` is SwiGLU, ``activation="gelu"`` GeGLU, ``"relu"`` ReGLU, ``"sigmoid"`` the original GLU.
+    Example: ``fusedact.gated(gate, up, activation="gelu", approximate="tanh")``.
+    """
+    _check_gated(gate, up, gate_bias, up_bias)
+    kernel_activation, param = _resolve(activation, params)
+    return ops.gated(gate, up, gate_bias, up_bias, kernel_activation, param)
+
+
+def gated_packed(
+    x: Tensor, bias: Optional[Tensor] = None, activation: str = "silu", gate_first: bool = True, **params
+) -> Tensor:
+    """``gated`` on the two halves of ``x`` along the last dimension (width 2H -> H), read in place.
+
+    ``gate_first=True``: ``x = [gate | up]`` (a fused gate_up projection); ``False``: ``[up | gate]``, the
+    layout of ``F.glu``. ``bias`` has length 2H and is split the same way.
+    """
+    _check_packed(x, bias)
+    kernel_activation, param = _resolve(activation, params)
+    return ops.gated_packed(x, bias, kernel_activation, param, gate_first)
+
+
+def swiglu(gate: Tensor, up: Tensor, gate_bias: Optional[Tensor] = None, up_bias: Optional[Tensor] = None) -> Tensor:
+    """silu(gate + gate_bias) * (up + up_bias), the gated MLP of Llama-style models.
+
+    Example: ``fusedact.swiglu(gate_proj(x), up_proj(x))``.
+    """
+    return gated(gate, up, gate_bias, up_bias, "silu")
 
 
 def swiglu_packed(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -100,37 +198,102 @@ def swiglu_packed(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     ``bias`` has length 2H (``[gate_bias | up_bias]``). The halves are read in place.
     Example: ``fusedact.swiglu_packed(gate_up_proj(x))``.
     """
+    return gated_packed(x, bias, "silu")
+
+
+def geglu(
+    gate: Tensor,
+    up: Tensor,
+    gate_bias: Optional[Tensor] = None,
+    up_bias: Optional[Tensor] = None,
+    approximate: str = "none",
+) -> Tensor:
+    """gelu(gate + gate_bias) * (up + up_bias) (GeGLU; ``approximate="tanh"`` for the tanh GELU)."""
+    return gated(gate, up, gate_bias, up_bias, "gelu", approximate=approximate)
+
+
+def geglu_packed(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """geglu of the halves of ``x = [gate | up]``."""
+    return gated_packed(x, bias, "gelu", approximate=approximate)
+
+
+def reglu(gate: Tensor, up: Tensor, gate_bias: Optional[Tensor] = None, up_bias: Optional[Tensor] = None) -> Tensor:
+    """relu(gate + gate_bias) * (up + up_bias) (ReGLU)."""
+    return gated(gate, up, gate_bias, up_bias, "relu")
+
+
+def reglu_packed(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """reglu of the halves of ``x = [gate | up]``."""
+    return gated_packed(x, bias, "relu")
+
+
+def glu(x: Tensor, bias: Optional[Tensor] = None, dim: int = -1) -> Tensor:
+    """``F.glu``: ``a * sigmoid(b)`` for ``x = [a | b]`` split along the last dimension, bias of length 2H.
+
+    Only the last dimension can be split (``dim=-1`` or its positive index). For two separate tensors use
+    ``gated(gate, up, activation="sigmoid")``.
+    """
     _check_input(x, "x")
-    if x.dim() == 0 or x.shape[-1] % 2:
-        raise ValueError(f"x must have an even last dimension [gate | up], got shape {tuple(x.shape)}")
-    _check_bias(bias, x, x.shape[-1], "bias", "x")
-    return ops.gated_packed(x, bias, "swish", 1.0, True)
+    if dim not in (-1, x.dim() - 1):
+        raise ValueError(f"glu splits the last dimension only, got dim={dim} for a {x.dim()}-D x")
+    return gated_packed(x, bias, "sigmoid", gate_first=False)
 
 
-# name -> (function, the keyword parameters it takes)
+# Public name -> (kernel activation, function of the keyword parameters -> kernel parameter, accepted keywords)
 _SINGLE_INPUT = {
-    "relu": (relu, ()),
-    "leaky_relu": (leaky_relu, ("negative_slope",)),
-    "gelu": (gelu, ("approximate",)),
-    "silu": (silu, ()),
-    "swish": (swish, ("beta",)),
+    "relu": ("relu", lambda: 0.0),
+    "leaky_relu": ("leaky_relu", lambda negative_slope=0.01: negative_slope),
+    "gelu": (None, None),  # resolved by `approximate`
+    "silu": ("swish", lambda: 1.0),
+    "swish": ("swish", lambda beta=1.0: beta),
+    "quick_gelu": ("swish", lambda: 1.702),
+    "sigmoid": ("sigmoid", lambda: 0.0),
+    "tanh": ("tanh", lambda: 0.0),
+    "elu": ("elu", lambda alpha=1.0: alpha),
+    "selu": ("selu", lambda: 0.0),
+    "celu": ("celu", lambda alpha=1.0: alpha),
+    "relu_squared": ("relu_squared", lambda: 0.0),
+    "mish": ("mish", lambda: 0.0),
+    "heaviside": (None, None),  # resolved by `straight_through`
 }
-ACTIVATIONS = tuple(_SINGLE_INPUT) + ("swiglu",)
+_GATED_PACKED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "glu": "sigmoid"}
+ACTIVATIONS = tuple(_SINGLE_INPUT) + tuple(_GATED_PACKED)
+
+
+def _resolve(activation: str, params: dict) -> tuple[str, float]:
+    """Public activation name and keyword parameters -> (kernel activation, its float parameter)."""
+    if activation not in _SINGLE_INPUT:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(_SINGLE_INPUT)}")
+    try:
+        if activation == "gelu":
+            return _approximate_to_activation(_only(params, "approximate", "none")), 0.0
+        if activation == "heaviside":
+            straight_through = _only(params, "straight_through", False, also=("value",))
+            return ("heaviside_ste" if straight_through else "heaviside"), float(params.get("value", 0.0))
+        kernel_activation, parameter = _SINGLE_INPUT[activation]
+        param = float(parameter(**params))
+    except TypeError as error:
+        raise TypeError(f"{activation}: {error}") from None
+    if activation == "celu" and param == 0:
+        raise ValueError("alpha must not be 0 for celu")
+    return kernel_activation, param
+
+
+def _only(params: dict, name: str, default, also: tuple = ()):
+    unexpected = set(params) - {name, *also}
+    if unexpected:
+        raise TypeError(f"unexpected keyword arguments {sorted(unexpected)}")
+    return params.get(name, default)
 
 
 def bias_act(x: Tensor, bias: Optional[Tensor], activation: str, **params) -> Tensor:
     """Generic entry point: ``bias_act(x, b, "gelu", approximate="tanh")``.
 
-    ``activation`` is one of ``fusedact.functional.ACTIVATIONS``; ``"swiglu"`` takes a packed ``x``.
+    ``activation`` is one of ``fusedact.functional.ACTIVATIONS``; the gated ones (``"swiglu"``, ``"geglu"``,
+    ``"reglu"``, ``"glu"``) take a packed ``x`` (``[gate | up]``; ``[up | gate]`` for ``"glu"``, as ``F.glu``).
     """
-    if activation == "swiglu":
-        if params:
-            raise TypeError(f"swiglu takes no parameters, got {sorted(params)}")
-        return swiglu_packed(x, bias)
-    if activation not in _SINGLE_INPUT:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    function, accepted = _SINGLE_INPUT[activation]
-    unexpected = set(params) - set(accepted)
-    if unexpected:
-        raise TypeError(f"{activation} does not take {sorted(unexpected)}; it takes {list(accepted) or 'none'}")
-    return function(x, bias, **params)
+    if activation in _GATED_PACKED:
+        gate_first = activation != "glu"
+        return gated_packed(x, bias, _GATED_PACKED[activation], gate_first=gate_first, **params)
+    kernel_activation, param = _resolve(activation, params)
+    return _single(x, bias, kernel_activation, param)

@@ -41,6 +41,72 @@ class SiLU(torch.nn.SiLU):
         return F.silu(input)
 
 
+class Sigmoid(torch.nn.Sigmoid):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.sigmoid(input)
+
+
+class Tanh(torch.nn.Tanh):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.tanh(input)
+
+
+class ELU(torch.nn.ELU):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.elu(input, alpha=self.alpha)
+
+
+class SELU(torch.nn.SELU):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.selu(input)
+
+
+class CELU(torch.nn.CELU):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.celu(input, alpha=self.alpha)
+
+
+class Mish(torch.nn.Mish):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.mish(input)
+
+
+class GLU(torch.nn.GLU):
+    """``torch.nn.GLU``: ``a * sigmoid(b)`` for ``[a | b]``; only the last dimension can be split."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.glu(input, dim=self.dim)
+
+
+class ReLUSquared(torch.nn.Module):
+    """max(x, 0)^2 (Primer)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.relu_squared(input)
+
+
+class QuickGELU(torch.nn.Module):
+    """x * sigmoid(1.702 x) (CLIP)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.quick_gelu(input)
+
+
+class Heaviside(torch.nn.Module):
+    """The step function; no gradient unless ``straight_through=True`` (see ``fusedact.heaviside``)."""
+
+    def __init__(self, value: float = 0.0, straight_through: bool = False) -> None:
+        super().__init__()
+        self.value = value
+        self.straight_through = straight_through
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.heaviside(input, value=self.value, straight_through=self.straight_through)
+
+    def extra_repr(self) -> str:
+        return f"value={self.value}, straight_through={self.straight_through}"
+
+
 class Swish(torch.nn.Module):
     """x * sigmoid(beta * x); ``Swish(1.0)`` is SiLU."""
 
@@ -60,6 +126,29 @@ class SwiGLU(torch.nn.Module):
 
     def forward(self, gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
         return F.swiglu_packed(gate) if up is None else F.swiglu(gate, up)
+
+
+class GeGLU(torch.nn.Module):
+    """gelu(gate) * up: ``GeGLU()(gate, up)``, or ``GeGLU()(x)`` for a packed ``x = [gate | up]``."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
+        if up is None:
+            return F.geglu_packed(gate, approximate=self.approximate)
+        return F.geglu(gate, up, approximate=self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class ReGLU(torch.nn.Module):
+    """relu(gate) * up: ``ReGLU()(gate, up)``, or ``ReGLU()(x)`` for a packed ``x = [gate | up]``."""
+
+    def forward(self, gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
+        return F.reglu_packed(gate) if up is None else F.reglu(gate, up)
 
 
 class BiasAct(torch.nn.Module):
