@@ -55,6 +55,8 @@ def argument_spec(name: str, dtype: str, constants: dict) -> tuple[str, Optional
         return "constexpr", constants[name], False
     if name.endswith("_ptr"):
         return ("*fp32" if name.startswith("partial") else f"*{TRITON_TYPES[dtype]}"), None, True
+    if name == "stride_weight":
+        return "i32", None, False  # 0 or 1 (a shared or per-channel PReLU slope)
     if name.startswith("stride_") and name.endswith("_col"):
         return "constexpr", 1, False  # a launch with a column stride of 1 specialises it so
     if name.startswith(("stride_", "num_")) or name == "rows_per_program":
@@ -74,6 +76,11 @@ def kernel_constants(activation: str, cols: int) -> dict:
         "HAS_UP_BIAS": True,
         "SAVED_IS_OUTPUT": saves_output(activation, 1.0),
         "COMPUTE_GRAD_BIAS": True,
+        # The Linear case: bias along the columns, no per-channel parameter (PReLU and conv channels are
+        # the other specialisations of the same kernels).
+        "HAS_WEIGHT": False,
+        "CHANNELS_ALONG_ROWS": False,
+        "COMPUTE_GRAD_WEIGHT": False,
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
     }

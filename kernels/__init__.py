@@ -1,6 +1,6 @@
 """fusedact.kernels: the pure-Triton layer (activation math and kernel templates); no PyTorch here."""
 
-from .activations import ACTIVATIONS, activation_backward, activation_forward
+from .activations import ACTIVATIONS, activation_backward, activation_forward, activation_param_backward
 from .templates import (
     bias_act_bwd_kernel,
     bias_act_fwd_kernel,
@@ -14,6 +14,7 @@ __all__ = [
     "ACTIVATIONS",
     "activation_backward",
     "activation_forward",
+    "activation_param_backward",
     "bias_act_bwd_kernel",
     "bias_act_fwd_kernel",
     "block_shape",

@@ -22,7 +22,9 @@ heaviside (v)  1 if z > 0, v if z == 0, else 0 (NaN: 0)    0 (no gradient: a ste
 heaviside_ste  as heaviside                                1 (straight-through estimator)
 =============  =========================================  ===============================================
 
-quick_gelu (CLIP) is swish with beta = 1.702 and needs no entry of its own.
+quick_gelu (CLIP) is swish with beta = 1.702 and needs no entry of its own. PReLU is leaky_relu with a
+learned slope per channel: the templates load the slope instead of taking a scalar, and
+``activation_param_backward`` gives the slope's gradient, grad_y * (0 if z > 0 else z).
 
 ``exp(z) - 1`` and ``1 - exp(-2z)`` lose all precision near 0 in fp32, and Triton has no ``expm1``:
 ``_expm1`` uses its Taylor series below |z| = 0.25 (truncation error < 2e-9 relative), ``exp(z) - 1``
@@ -227,3 +229,11 @@ def activation_backward(grad, saved, ACTIVATION: tl.constexpr, param):
     else:  # HEAVISIDE_STE: the gradient passes straight through the step
         grad_z = grad
     return grad_z
+
+
+@triton.jit
+def activation_param_backward(grad, z, ACTIVATION: tl.constexpr):
+    """grad * df/dparam at the input ``z``, for activations with a learned parameter: leaky_relu's slope
+    (PReLU), d/dslope (slope * z) = z on the negative side. A NaN input gives NaN, as PyTorch's prelu."""
+    tl.static_assert(ACTIVATION == LEAKY_RELU, "only leaky_relu (PReLU) has a learned parameter")
+    return tl.where(z > 0.0, 0.0, grad * z)

@@ -96,6 +96,15 @@ class _Step(torch.autograd.Function):
         return (grad.clone() if ctx.straight_through else torch.zeros_like(grad)), None, None
 
 
+def float64_reference(function, inputs, grad_y):
+    """Run ``function`` on float64 CPU copies of ``inputs`` (None passes through); return its output and
+    the gradient of each input for ``grad_y``."""
+    copies = [None if t is None else t.detach().to(torch.float64).cpu().requires_grad_() for t in inputs]
+    y = function(*copies)
+    y.backward(grad_y.detach().to(torch.float64).cpu())
+    return y.detach(), [None if c is None else c.grad for c in copies]
+
+
 def gate_reference(z: torch.Tensor, activation: str, params: dict) -> torch.Tensor:
     """The gate activation of the GLU family, by the name ``fusedact.gated`` takes."""
     return reference_activation(z, activation, params)

@@ -13,6 +13,7 @@ from reference import (
     SINGLE_CASES,
     assert_close,
     cancellation_floor,
+    float64_reference,
     gate_reference,
     reference_activation,
     ulp,
@@ -49,15 +50,6 @@ def make_input(shape, layout, dtype, device, generator, scale=2.0):
     if layout == "permuted":  # leading dimensions no single row stride addresses: one copy
         return randn(shape[1], shape[0], *shape[2:]).transpose(0, 1)
     raise ValueError(layout)
-
-
-def float64_reference(function, inputs, grad_y):
-    """Run ``function`` on float64 CPU copies of ``inputs`` (None passes through); return its output and
-    the gradient of each input for ``grad_y``."""
-    copies = [None if t is None else t.detach().to(torch.float64).cpu().requires_grad_() for t in inputs]
-    y = function(*copies)
-    y.backward(grad_y.detach().to(torch.float64).cpu())
-    return y.detach(), [None if c is None else c.grad for c in copies]
 
 
 def with_bias(x, bias):

@@ -15,16 +15,38 @@ def _randn(*shape, device, dtype=torch.float32, requires_grad=False):
     return torch.randn(*shape, device=device, dtype=dtype, requires_grad=requires_grad)
 
 
+def _opcheck_bias_act(x, bias, weight, activation, param, dim):
+    torch.library.opcheck(ops.bias_act, (x, bias, weight, activation, param, dim))
+    saved_is_output = weight is None and ops.saves_output(activation, param)
+    saved = ops.bias_act(x, bias, weight, activation, param, dim) if saved_is_output else x
+    detached = [None if t is None else t.detach() for t in (saved, bias, weight)]
+    args = (torch.randn_like(x), detached[0], detached[1], detached[2], activation, param, dim, saved_is_output)
+    torch.library.opcheck(ops.bias_act_backward, (*args, bias is not None, weight is not None))
+
+
 @pytest.mark.parametrize("activation,param", OP_ACTIVATIONS)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_opcheck_bias_act(activation, param, with_bias, device):
     x = _randn(4, 9, device=device, requires_grad=True)
     bias = _randn(9, device=device, requires_grad=True) if with_bias else None
-    torch.library.opcheck(ops.bias_act, (x, bias, activation, param))
-    grad_y = _randn(4, 9, device=device)
-    saved = x.detach() if not ops.saves_output(activation, param) else ops.bias_act(x, bias, activation, param)
-    args = (grad_y, saved.detach(), None if bias is None else bias.detach(), activation, param)
-    torch.library.opcheck(ops.bias_act_backward, (*args, ops.saves_output(activation, param), with_bias))
+    _opcheck_bias_act(x, bias, None, activation, param, 1)
+
+
+# Channel layouts (see fusedact._channels): NCHW (channels in rows), channels_last (channels in columns of
+# the moved view, a channels-last result), a transposed 3-D tensor (copied), and a PReLU slope.
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "transposed"])
+@pytest.mark.parametrize("weight_size", [None, 1, 3], ids=["noweight", "shared", "perchannel"])
+def test_opcheck_channel_bias(layout, weight_size, device):
+    x = _randn(2, 3, 4, 5, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = _randn(2, 5, 3, device=device).transpose(1, 2)
+    x.requires_grad_()
+    bias = _randn(3, device=device, requires_grad=True)
+    weight = None if weight_size is None else _randn(weight_size, device=device).abs().requires_grad_()
+    activation = "gelu" if weight is None else "leaky_relu"
+    _opcheck_bias_act(x, bias, weight, activation, 0.0, 1)
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])

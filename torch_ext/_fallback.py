@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._channels import channel_shape, reduce_to_channels
+
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 _TWO_SQRT_2_OVER_PI = 1.5957691216057308
@@ -172,29 +174,51 @@ def _with_bias(t: Tensor, bias: Tensor | None) -> Tensor:
     return t.to(dtype) if bias is None else torch.add(t, bias.to(dtype))
 
 
-def _bias_grad(grad: Tensor, bias: Tensor | None, compute: bool) -> Tensor:
-    """Sum over every leading dimension in the compute dtype, then one rounding; empty when not asked for."""
+def _bias_grad(grad: Tensor, bias: Tensor | None, compute: bool, dim: int = -1) -> Tensor:
+    """Sum over every dimension but ``dim`` in the compute dtype, then one rounding; empty when not asked for."""
     if bias is None or not compute:
         return grad.new_empty(0)
-    return grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
+    return reduce_to_channels(grad, dim % max(grad.dim(), 1)).to(bias.dtype)
 
 
-def bias_act(x: Tensor, bias: Tensor | None, activation: str, param: float) -> Tensor:
-    return activation_forward(_with_bias(x, bias), activation, param).to(x.dtype)
+def _along(t: Tensor | None, x: Tensor, dim: int) -> Tensor | None:
+    """A per-channel ``[C]`` tensor shaped to broadcast along ``dim`` of ``x``."""
+    return None if t is None else t.view(channel_shape(x, dim))
+
+
+def bias_act(x: Tensor, bias: Tensor | None, weight: Tensor | None, activation: str, param: float, dim: int) -> Tensor:
+    z = _with_bias(x, _along(bias, x, dim))
+    if weight is not None:  # PReLU: leaky_relu with a slope per channel
+        return torch.where(z > 0, z, z * _along(weight, x, dim).to(z.dtype)).to(x.dtype)
+    return activation_forward(z, activation, param).to(x.dtype)
 
 
 def bias_act_backward(
     grad_y: Tensor,
     saved: Tensor,
     bias: Tensor | None,
+    weight: Tensor | None,
     activation: str,
     param: float,
+    dim: int,
     saved_is_output: bool,
     compute_grad_bias: bool,
-) -> tuple[Tensor, Tensor]:
-    z = _with_bias(saved, None if saved_is_output else bias)
-    grad_x = activation_backward(grad_y.to(z.dtype), z, activation, param)
-    return grad_x.to(saved.dtype), _bias_grad(grad_x, bias, compute_grad_bias)
+    compute_grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    z = _with_bias(saved, None if saved_is_output else _along(bias, saved, dim))
+    grad = grad_y.to(z.dtype)
+    grad_weight = saved.new_empty(0)
+    if weight is not None:  # PReLU; the slope's gradient is grad * z on the negative side
+        grad_x = torch.where(z > 0, grad, grad * _along(weight, saved, dim).to(z.dtype))
+        if compute_grad_weight:
+            grad_slope = torch.where(z > 0, 0.0, grad * z)
+            if weight.numel() == 1:  # one slope shared by every channel
+                grad_weight = grad_slope.sum().reshape(1).to(weight.dtype)
+            else:
+                grad_weight = _bias_grad(grad_slope, weight, True, dim)
+    else:
+        grad_x = activation_backward(grad, z, activation, param)
+    return grad_x.to(saved.dtype), _bias_grad(grad_x, bias, compute_grad_bias, dim), grad_weight
 
 
 def gated(

@@ -20,6 +20,8 @@ from fusedact.kernels import (
     num_warps_for,
 )
 
+from ._channels import channel_matrix, channels_along_rows, empty_output
+
 # Backward programs per SM: enough to hide memory latency, few enough that the partial bias sums stay
 # small next to the tensors themselves.
 PROGRAMS_PER_SM = 4
@@ -63,47 +65,87 @@ def _activation_id(activation: str) -> int:
     return ACTIVATIONS[activation]
 
 
-def bias_act(x: Tensor, bias: Tensor | None, activation: str, param: float) -> Tensor:
-    x2 = as_matrix(x)
+def bias_act(x: Tensor, bias: Tensor | None, weight: Tensor | None, activation: str, param: float, dim: int) -> Tensor:
+    along_rows = channels_along_rows(x, dim)
+    x2 = channel_matrix(x, dim, along_rows)
     num_rows, num_cols = x2.shape
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = empty_output(x, dim)
     block_m, block_n = block_shape(num_cols)
     grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
     bias_act_fwd_kernel[grid](
-        x2, bias, y, num_rows, num_cols, x2.stride(0), x2.stride(1), param,
-        ACTIVATION=_activation_id(activation), BLOCK_M=block_m, BLOCK_N=block_n,
+        x2, bias, weight, channel_matrix(y, dim, along_rows), num_rows, num_cols, x2.stride(0), x2.stride(1),
+        _num_channels(x, dim), _weight_stride(weight), param,
+        ACTIVATION=_activation_id(activation), CHANNELS_ALONG_ROWS=along_rows, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
     return y
+
+
+def _num_channels(x: Tensor, dim: int) -> int:
+    return x.shape[dim] if x.dim() else 1
+
+
+def _weight_stride(weight: Tensor | None) -> int:
+    """1 for a slope per channel, 0 for one slope shared by all of them."""
+    return 0 if weight is None or weight.numel() == 1 else 1
+
+
+def _channel_sums(partial: Tensor, along_rows: bool, num_channels: int, like: Tensor) -> Tensor:
+    """Finish a bias/weight gradient from the kernel's fp32 partial sums, in a fixed order: over row
+    groups (channels in columns), or over column blocks and then over the rows of each channel. Rounded
+    once to ``like``'s dtype; a parameter shared by every channel (one element) takes the sum of all."""
+    sums = partial.sum(0)
+    if along_rows:
+        sums = sums.view(-1, num_channels).sum(0)
+    if like.numel() == 1 and num_channels != 1:
+        sums = sums.sum().reshape(1)
+    return sums.to(like.dtype)
 
 
 def bias_act_backward(
     grad_y: Tensor,
     saved: Tensor,
     bias: Tensor | None,
+    weight: Tensor | None,
     activation: str,
     param: float,
+    dim: int,
     saved_is_output: bool,
     compute_grad_bias: bool,
-) -> tuple[Tensor, Tensor]:
-    grad_y2, saved2 = as_matrix(grad_y), as_matrix(saved)
+    compute_grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    along_rows = channels_along_rows(saved, dim)
+    grad_y2, saved2 = channel_matrix(grad_y, dim, along_rows), channel_matrix(saved, dim, along_rows)
     num_rows, num_cols = saved2.shape
-    grad_x = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
+    grad_x = empty_output(saved, dim)
     compute_grad_bias = compute_grad_bias and bias is not None
-    block_m, block_n, row_groups, rows_per_program = _backward_grid(num_rows, num_cols, compute_grad_bias, saved.device)
-    partial = None
-    if compute_grad_bias:
-        partial = torch.empty((row_groups, num_cols), dtype=torch.float32, device=saved.device)
+    compute_grad_weight = compute_grad_weight and weight is not None
+    reduce = compute_grad_bias or compute_grad_weight
+    block_m, block_n, row_groups, rows_per_program = _backward_grid(num_rows, num_cols, reduce, saved.device)
+    # Partial sums: one [row_groups, N] row per row group (channels in columns), or one sum per row and
+    # column block (channels in rows).
+    partial_shape = (triton.cdiv(num_cols, block_n), num_rows) if along_rows else (row_groups, num_cols)
+
+    def partial_buffer(compute: bool) -> Tensor | None:
+        return torch.empty(partial_shape, dtype=torch.float32, device=saved.device) if compute else None
+
+    partial_bias, partial_weight = partial_buffer(compute_grad_bias), partial_buffer(compute_grad_weight)
     grid = (row_groups * triton.cdiv(num_cols, block_n),)
     bias_act_bwd_kernel[grid](
-        grad_y2, saved2, bias, grad_x, partial, num_rows, num_cols,
-        grad_y2.stride(0), grad_y2.stride(1), saved2.stride(0), saved2.stride(1), rows_per_program, param,
-        ACTIVATION=_activation_id(activation), SAVED_IS_OUTPUT=saved_is_output,
-        COMPUTE_GRAD_BIAS=compute_grad_bias, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps_for(block_m, block_n),
+        grad_y2, saved2, bias, weight, channel_matrix(grad_x, dim, along_rows), partial_bias, partial_weight,
+        num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), saved2.stride(0), saved2.stride(1),
+        _num_channels(saved, dim), _weight_stride(weight), rows_per_program, param,
+        ACTIVATION=_activation_id(activation), CHANNELS_ALONG_ROWS=along_rows, SAVED_IS_OUTPUT=saved_is_output,
+        COMPUTE_GRAD_BIAS=compute_grad_bias, COMPUTE_GRAD_WEIGHT=compute_grad_weight,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
-    grad_bias = partial.sum(0).to(bias.dtype) if compute_grad_bias else saved.new_empty(0)
-    return grad_x, grad_bias
+    num_channels = _num_channels(saved, dim)
+    # (two distinct empty tensors: a custom op's outputs must not alias each other)
+    grad_bias = _channel_sums(partial_bias, along_rows, num_channels, bias) if compute_grad_bias else saved.new_empty(0)
+    grad_weight = (
+        _channel_sums(partial_weight, along_rows, num_channels, weight) if compute_grad_weight else saved.new_empty(0)
+    )
+    return grad_x, grad_bias, grad_weight
 
 
 def gated(

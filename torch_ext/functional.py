@@ -28,26 +28,39 @@ def _check_input(x: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
 
-def _check_bias(bias: Optional[Tensor], x: Tensor, width: int, name: str, input_name: str) -> None:
-    """A bias is 1-D of length ``width`` with the dtype and device of ``x``."""
+def _check_bias(
+    bias: Optional[Tensor], x: Tensor, width: int, name: str, input_name: str, along: str = "shape[-1]"
+) -> None:
+    """A bias is 1-D of length ``width`` (``x.<along>``) with the dtype and device of ``x``."""
     if bias is None:
         return
     if not isinstance(bias, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(bias).__name__}")
     if x.dim() == 0:
-        raise ValueError(f"{input_name} is 0-D: a {name} needs a last dimension to run along")
+        raise ValueError(f"{input_name} is 0-D: a {name} needs a dimension to run along")
     if bias.dim() != 1 or bias.shape[0] != width:
-        raise ValueError(f"{name} must have shape ({width},) to match {input_name}.shape[-1], got {tuple(bias.shape)}")
+        raise ValueError(f"{name} must have shape ({width},) to match {input_name}.{along}, got {tuple(bias.shape)}")
     if bias.dtype != x.dtype:
         raise TypeError(f"{name} dtype {bias.dtype} does not match {input_name} dtype {x.dtype}")
     if bias.device != x.device:
         raise ValueError(f"{name} is on {bias.device} but {input_name} is on {x.device}")
 
 
-def _single(x: Tensor, bias: Optional[Tensor], activation: str, param: float) -> Tensor:
+def _channel_dim(x: Tensor, dim: int) -> int:
+    """``dim`` as an index of ``x``'s dimensions (0 for a 0-D ``x``), or a clear error."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    ndim = max(x.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim={dim} is out of range for a {x.dim()}-D x")
+    return dim % ndim
+
+
+def _single(x: Tensor, bias: Optional[Tensor], activation: str, param: float, dim: int = -1) -> Tensor:
     _check_input(x, "x")
-    _check_bias(bias, x, x.shape[-1] if x.dim() else 1, "bias", "x")
-    return ops.bias_act(x, bias, activation, float(param))
+    dim = _channel_dim(x, dim)
+    _check_bias(bias, x, x.shape[dim] if x.dim() else 1, "bias", "x", f"shape[{dim}]")
+    return ops.bias_act(x, bias, None, activation, float(param), dim)
 
 
 def relu(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -58,6 +71,37 @@ def relu(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 def leaky_relu(x: Tensor, bias: Optional[Tensor] = None, negative_slope: float = 0.01) -> Tensor:
     """z if z > 0 else negative_slope * z, z = x + bias. Example: ``fusedact.leaky_relu(x, b, 0.2)``."""
     return _single(x, bias, "leaky_relu", negative_slope)
+
+
+def prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.prelu`` with a fused bias: z if z > 0 else weight * z, z = x + bias, with a learned slope.
+
+    As ``F.prelu``, the channels are dimension 1 (dimension 0 of a 1-D ``x`` has one channel): ``weight``
+    holds one slope per channel or one shared by all, and ``bias`` (optional) runs along the same channel
+    dimension, so ``Conv2d -> bias -> PReLU`` fuses on NCHW. The slope's gradient is reduced in the same
+    backward pass as the bias gradient.
+
+        >>> x, w = torch.randn(2, 3, 4, 4), torch.full((3,), 0.25)
+        >>> torch.equal(fusedact.prelu(x, w), torch.nn.functional.prelu(x, w))
+        True
+    """
+    _check_input(x, "x")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    dim = 1 if x.dim() >= 2 else 0
+    channels = x.shape[1] if x.dim() >= 2 else 1
+    if weight.dim() > 1 or weight.numel() not in (1, channels):
+        raise ValueError(
+            f"weight must hold 1 or {channels} slopes (x.shape[1], the channel dimension), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    width = x.shape[dim] if x.dim() else 1
+    _check_bias(bias, x, width, "bias", "x", f"shape[{dim}]")
+    return ops.bias_act(x, bias, weight.reshape(-1), "leaky_relu", 0.0, dim)
 
 
 def gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
@@ -286,14 +330,23 @@ def _only(params: dict, name: str, default, also: tuple = ()):
     return params.get(name, default)
 
 
-def bias_act(x: Tensor, bias: Optional[Tensor], activation: str, **params) -> Tensor:
+def bias_act(x: Tensor, bias: Optional[Tensor], activation: str, dim: int = -1, **params) -> Tensor:
     """Generic entry point: ``bias_act(x, b, "gelu", approximate="tanh")``.
 
     ``activation`` is one of ``fusedact.functional.ACTIVATIONS``; the gated ones (``"swiglu"``, ``"geglu"``,
     ``"reglu"``, ``"glu"``) take a packed ``x`` (``[gate | up]``; ``[up | gate]`` for ``"glu"``, as ``F.glu``).
+
+    ``dim`` is the dimension the bias runs along: the last by default (after a Linear), ``dim=1`` for the
+    channels of an NCHW conv output (contiguous or ``torch.channels_last``, read in place either way)::
+
+        >>> conv = torch.nn.Conv2d(3, 8, 3, bias=False)
+        >>> b = torch.zeros(8)
+        >>> y = fusedact.bias_act(conv(torch.randn(2, 3, 16, 16)), b, "relu", dim=1)  # = relu(conv + b[:, None, None])
     """
     if activation in _GATED_PACKED:
+        if dim not in (-1, x.dim() - 1):
+            raise ValueError(f"gated activations split and bias the last dimension only, got dim={dim}")
         gate_first = activation != "glu"
         return gated_packed(x, bias, _GATED_PACKED[activation], gate_first=gate_first, **params)
     kernel_activation, param = _resolve(activation, params)
-    return _single(x, bias, kernel_activation, param)
+    return _single(x, bias, kernel_activation, param, dim)

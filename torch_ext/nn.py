@@ -151,14 +151,24 @@ class ReGLU(torch.nn.Module):
         return F.reglu_packed(gate) if up is None else F.reglu(gate, up)
 
 
+class PReLU(torch.nn.PReLU):
+    """``torch.nn.PReLU`` (same ``num_parameters``, ``init``, ``weight`` Parameter and state_dict key) on
+    the fused kernel: the slope's gradient is reduced in the same backward pass."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.prelu(input, self.weight)
+
+
 class BiasAct(torch.nn.Module):
     """An activation with its own bias ``Parameter`` of ``num_features``, added before the activation.
 
     ``activation`` is one of ``fusedact.functional.ACTIVATIONS`` with its keyword parameters; for
     ``"swiglu"`` the input is packed ``[gate | up]`` of width ``num_features`` (the output has half).
-    The bias starts at zero, so a fresh ``BiasAct`` computes exactly the bare activation.
+    The bias starts at zero, so a fresh ``BiasAct`` computes exactly the bare activation. ``dim`` is the
+    dimension the bias runs along: the last (after a Linear), or 1 for the channels of a conv output.
 
-    Example: ``BiasAct(64, "leaky_relu", negative_slope=0.2)(torch.randn(8, 64))``.
+    Example: ``BiasAct(64, "leaky_relu", negative_slope=0.2)(torch.randn(8, 64))``;
+    ``BiasAct(16, "relu", dim=1)(torch.randn(2, 16, 8, 8))`` for ``Conv2d(..., 16, bias=False)``.
     """
 
     def __init__(
@@ -167,6 +177,7 @@ class BiasAct(torch.nn.Module):
         activation: str = "relu",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        dim: int = -1,
         **params,
     ) -> None:
         super().__init__()
@@ -174,12 +185,14 @@ class BiasAct(torch.nn.Module):
             raise ValueError(f"unknown activation {activation!r}; expected one of {F.ACTIVATIONS}")
         self.num_features = num_features
         self.activation = activation
+        self.dim = dim
         self.params = params
         self.bias = torch.nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.bias_act(input, self.bias, self.activation, **self.params)
+        return F.bias_act(input, self.bias, self.activation, dim=self.dim, **self.params)
 
     def extra_repr(self) -> str:
         params = "".join(f", {key}={value!r}" for key, value in self.params.items())
-        return f"{self.num_features}, activation={self.activation!r}{params}"
+        dim = "" if self.dim == -1 else f", dim={self.dim}"
+        return f"{self.num_features}, activation={self.activation!r}{dim}{params}"

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _fallback
+from . import _channels, _fallback
 
 try:
     from . import _triton
@@ -81,16 +81,28 @@ def _bias_grad_like(bias: Optional[Tensor], compute: bool, like: Tensor) -> Tens
 
 
 @torch.library.custom_op("fusedact::bias_act", mutates_args=())
-def bias_act(x: Tensor, bias: Optional[Tensor], activation: str, param: float) -> Tensor:
-    """act(x + bias), bias along the last dimension."""
+def bias_act(
+    x: Tensor, bias: Optional[Tensor], weight: Optional[Tensor], activation: str, param: float, dim: int
+) -> Tensor:
+    """act(x + bias) with ``bias`` along dimension ``dim`` (``x.dim() - 1`` for a Linear, 1 for NCHW).
+    ``weight``: the activation's parameter per channel along the same dimension (PReLU's slope, one or
+    C of them), or None to use ``param``. The result is contiguous, or channels-last like ``x``."""
     if x.numel() == 0:
-        return _empty_like(x)
-    return _backend(x).bias_act(x, bias, activation, param).contiguous()
+        return _channels.empty_output(x, dim)
+    return _in_layout(_backend(x).bias_act(x, bias, weight, activation, param, dim), x, dim)
+
+
+def _in_layout(result: Tensor, x: Tensor, dim: int) -> Tensor:
+    """``result`` in the layout ``empty_output(x, dim)`` promises (the fallback's may have other strides)."""
+    if _channels.output_is_contiguous(x, dim):
+        return result.contiguous()
+    layout = _channels.empty_output(x, dim)
+    return result if result.stride() == layout.stride() else layout.copy_(result)
 
 
 @bias_act.register_fake
-def _(x, bias, activation, param):
-    return _empty_like(x)
+def _(x, bias, weight, activation, param, dim):
+    return _channels.empty_output(x, dim)
 
 
 @torch.library.custom_op("fusedact::bias_act_backward", mutates_args=())
@@ -98,40 +110,59 @@ def bias_act_backward(
     grad_y: Tensor,
     saved: Tensor,
     bias: Optional[Tensor],
+    weight: Optional[Tensor],
     activation: str,
     param: float,
+    dim: int,
     saved_is_output: bool,
     compute_grad_bias: bool,
-) -> tuple[Tensor, Tensor]:
-    """(grad_x, grad_bias); grad_bias is empty unless ``compute_grad_bias`` and a bias is given."""
+    compute_grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_bias, grad_weight); a parameter's gradient is empty unless asked for and given."""
     if saved.numel() == 0:
-        grad_bias = _bias_grad_like(bias, compute_grad_bias, saved)
-        return _empty_like(saved), grad_bias.zero_()
-    grad_x, grad_bias = _backend(saved).bias_act_backward(
-        grad_y, saved, bias, activation, param, saved_is_output, compute_grad_bias
+        return (
+            _channels.empty_output(saved, dim),
+            _bias_grad_like(bias, compute_grad_bias, saved).zero_(),
+            _bias_grad_like(weight, compute_grad_weight, saved).zero_(),
+        )
+    grad_x, grad_bias, grad_weight = _backend(saved).bias_act_backward(
+        grad_y, saved, bias, weight, activation, param, dim, saved_is_output, compute_grad_bias, compute_grad_weight
     )
-    return grad_x.contiguous(), grad_bias
+    return _in_layout(grad_x, saved, dim), grad_bias, grad_weight
 
 
 @bias_act_backward.register_fake
-def _(grad_y, saved, bias, activation, param, saved_is_output, compute_grad_bias):
-    return _empty_like(saved), _bias_grad_like(bias, compute_grad_bias, saved)
+def _(grad_y, saved, bias, weight, activation, param, dim, saved_is_output, compute_grad_bias, compute_grad_weight):
+    return (
+        _channels.empty_output(saved, dim),
+        _bias_grad_like(bias, compute_grad_bias, saved),
+        _bias_grad_like(weight, compute_grad_weight, saved),
+    )
 
 
 def _bias_act_setup_context(ctx, inputs, output):
-    x, bias, activation, param = inputs
-    ctx.activation, ctx.param = activation, param
-    ctx.saved_is_output = saves_output(activation, param)
-    ctx.save_for_backward(output if ctx.saved_is_output else x, bias)
+    x, bias, weight, activation, param, dim = inputs
+    ctx.activation, ctx.param, ctx.dim = activation, param, dim
+    ctx.saved_is_output = weight is None and saves_output(activation, param)
+    ctx.save_for_backward(output if ctx.saved_is_output else x, bias, weight)
 
 
 def _bias_act_backward(ctx, grad_y):
-    saved, bias = ctx.saved_tensors
+    saved, bias, weight = ctx.saved_tensors
     compute_grad_bias = bias is not None and ctx.needs_input_grad[1]
-    grad_x, grad_bias = bias_act_backward(
-        grad_y, saved, bias, ctx.activation, ctx.param, ctx.saved_is_output, compute_grad_bias
+    compute_grad_weight = weight is not None and ctx.needs_input_grad[2]
+    grad_x, grad_bias, grad_weight = bias_act_backward(
+        grad_y, saved, bias, weight, ctx.activation, ctx.param, ctx.dim, ctx.saved_is_output,
+        compute_grad_bias, compute_grad_weight,
+    )  # fmt: skip
+    return (
+        grad_x,
+        grad_bias if compute_grad_bias else None,
+        grad_weight if compute_grad_weight else None,
+        None,
+        None,
+        None,
     )
-    return grad_x, (grad_bias if compute_grad_bias else None), None, None
 
 
 bias_act.register_autograd(_bias_act_backward, setup_context=_bias_act_setup_context)
