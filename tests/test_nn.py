@@ -12,6 +12,14 @@ TWINS = [
     (fusedact.nn.GELU, torch.nn.GELU, {}),
     (fusedact.nn.GELU, torch.nn.GELU, {"approximate": "tanh"}),
     (fusedact.nn.SiLU, torch.nn.SiLU, {}),
+    (fusedact.nn.Sigmoid, torch.nn.Sigmoid, {}),
+    (fusedact.nn.Tanh, torch.nn.Tanh, {}),
+    (fusedact.nn.ELU, torch.nn.ELU, {"alpha": 0.5}),
+    (fusedact.nn.SELU, torch.nn.SELU, {}),
+    (fusedact.nn.CELU, torch.nn.CELU, {"alpha": 2.0}),
+    (fusedact.nn.Mish, torch.nn.Mish, {}),
+    (fusedact.nn.GLU, torch.nn.GLU, {}),
+    (fusedact.nn.PReLU, torch.nn.PReLU, {"num_parameters": 34, "init": 0.1}),
 ]
 
 
@@ -20,8 +28,9 @@ def test_module_twins(ours, theirs, kwargs, device):
     module, reference = ours(**kwargs), theirs(**kwargs)
     assert isinstance(module, theirs)
     assert repr(module) == repr(reference)
-    assert module.state_dict().keys() == reference.state_dict().keys() == set()
-    x = torch.randn(6, 33, device=device, requires_grad=True)
+    assert module.state_dict().keys() == reference.state_dict().keys()
+    module.load_state_dict(reference.state_dict())  # PReLU's weight; the others have none
+    x = torch.randn(6, 34, device=device, requires_grad=True)  # even: GLU halves it
     x_reference = x.detach().clone().requires_grad_()
     y = module(x)
     y_reference = reference(x_reference.clone() if kwargs.get("inplace") else x_reference)
@@ -59,3 +68,24 @@ def test_bias_act_module(device):
     assert swiglu(x).shape == (3, 4)
     with pytest.raises(ValueError, match="unknown activation"):
         fusedact.nn.BiasAct(8, "softsign")
+
+
+def test_modules_without_torch_twin(device):
+    x = torch.randn(4, 10, device=device, dtype=torch.float64)
+    tol = {"rtol": 1e-12, "atol": 1e-12}
+    F = torch.nn.functional
+    torch.testing.assert_close(fusedact.nn.ReLUSquared()(x), F.relu(x) ** 2, **tol)
+    torch.testing.assert_close(fusedact.nn.QuickGELU()(x), x * torch.sigmoid(1.702 * x), **tol)
+    step = fusedact.nn.Heaviside(value=0.5)
+    assert repr(step) == "Heaviside(value=0.5, straight_through=False)"
+    torch.testing.assert_close(step(x), torch.heaviside(x, torch.tensor(0.5, dtype=x.dtype, device=device)), **tol)
+    gate, up = x[:, :5], x[:, 5:]
+    for module, expected in [
+        (fusedact.nn.GeGLU(), F.gelu(gate) * up),
+        (fusedact.nn.GeGLU(approximate="tanh"), F.gelu(gate, approximate="tanh") * up),
+        (fusedact.nn.ReGLU(), F.relu(gate) * up),
+    ]:
+        torch.testing.assert_close(module(x), expected, **tol)
+        torch.testing.assert_close(module(gate, up), expected, **tol)
+        assert module.state_dict() == {}
+    assert repr(fusedact.nn.GeGLU(approximate="tanh")) == "GeGLU(approximate='tanh')"

@@ -1,8 +1,10 @@
 """``nn.Module``s: drop-in twins of ``torch.nn`` activations, plus modules that own a fused bias.
 
-``ReLU``, ``LeakyReLU``, ``GELU`` and ``SiLU`` subclass their ``torch.nn`` twins: same constructor
-arguments, ``extra_repr``, (empty) ``state_dict`` and ``isinstance`` checks; only ``forward`` runs the
-fused kernel. ``inplace=True`` is accepted for compatibility but the result is always a new tensor
+``ReLU``, ``LeakyReLU``, ``GELU``, ``SiLU``, ``Sigmoid``, ``Tanh``, ``ELU``, ``SELU``, ``CELU``, ``Mish``,
+``GLU`` and ``PReLU`` subclass their ``torch.nn`` twins: same constructor arguments, ``extra_repr``,
+``state_dict`` (empty, or PReLU's ``weight``) and ``isinstance`` checks; only ``forward`` runs the fused
+kernel. ``Swish``, ``ReLUSquared``, ``QuickGELU``, ``Heaviside``, ``SwiGLU``, ``GeGLU`` and ``ReGLU`` have
+no ``torch.nn`` twin; ``BiasAct`` owns a bias. ``inplace=True`` is accepted for compatibility but the result is always a new tensor
 (the fused kernel writes its own output), so code that uses the returned value behaves the same.
 
 Example::
