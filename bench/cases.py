@@ -154,6 +154,8 @@ ALL_OPS = [
         _relu_squared_eager,
         "relu_squared",
     ),
+    # PReLU's slope plays the bias's part: one per column (channel), read once, its gradient reduced.
+    Op("prelu", "F.prelu(x, w)", "bias", lambda x, w: fusedact.prelu(x, w), lambda x, w: F.prelu(x, w), "prelu"),
     Op("reglu", "F.relu(g) * u", "gated", lambda g, u: fusedact.reglu(g, u), lambda g, u: F.relu(g) * u, "reglu"),
     Op("glu", "F.glu(x + b)", "packed_bias", lambda x, b: fusedact.glu(x, b), lambda x, b: F.glu(x + b), "glu"),
 ]

@@ -188,8 +188,8 @@ def _along(t: Tensor | None, x: Tensor, dim: int) -> Tensor | None:
 
 def bias_act(x: Tensor, bias: Tensor | None, weight: Tensor | None, activation: str, param: float, dim: int) -> Tensor:
     z = _with_bias(x, _along(bias, x, dim))
-    if weight is not None:  # PReLU: leaky_relu with a slope per channel
-        return torch.where(z > 0, z, z * _along(weight, x, dim).to(z.dtype)).to(x.dtype)
+    if weight is not None:  # PReLU: leaky_relu with a slope per channel (PyTorch's elementwise prelu)
+        return torch.ops.aten._prelu_kernel(z, _along(weight, x, dim).to(z.dtype)).to(x.dtype)
     return activation_forward(z, activation, param).to(x.dtype)
 
 
@@ -209,9 +209,8 @@ def bias_act_backward(
     grad = grad_y.to(z.dtype)
     grad_weight = saved.new_empty(0)
     if weight is not None:  # PReLU; the slope's gradient is grad * z on the negative side
-        grad_x = torch.where(z > 0, grad, grad * _along(weight, saved, dim).to(z.dtype))
+        grad_x, grad_slope = torch.ops.aten._prelu_kernel_backward(grad, z, _along(weight, saved, dim).to(z.dtype))
         if compute_grad_weight:
-            grad_slope = torch.where(z > 0, 0.0, grad * z)
             if weight.numel() == 1:  # one slope shared by every channel
                 grad_weight = grad_slope.sum().reshape(1).to(weight.dtype)
             else:

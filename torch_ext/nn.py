@@ -4,8 +4,9 @@
 ``GLU`` and ``PReLU`` subclass their ``torch.nn`` twins: same constructor arguments, ``extra_repr``,
 ``state_dict`` (empty, or PReLU's ``weight``) and ``isinstance`` checks; only ``forward`` runs the fused
 kernel. ``Swish``, ``ReLUSquared``, ``QuickGELU``, ``Heaviside``, ``SwiGLU``, ``GeGLU`` and ``ReGLU`` have
-no ``torch.nn`` twin; ``BiasAct`` owns a bias. ``inplace=True`` is accepted for compatibility but the result is always a new tensor
-(the fused kernel writes its own output), so code that uses the returned value behaves the same.
+no ``torch.nn`` twin; ``BiasAct`` owns a bias. ``inplace=True`` is accepted for compatibility but the
+result is always a new tensor (the fused kernel writes its own output), so code that uses the returned
+value behaves the same.
 
 Example::
 
