@@ -60,7 +60,7 @@ def _single(x: Tensor, bias: Optional[Tensor], activation: str, param: float, di
     _check_input(x, "x")
     dim = _channel_dim(x, dim)
     _check_bias(bias, x, x.shape[dim] if x.dim() else 1, "bias", "x", f"shape[{dim}]")
-    return ops.bias_act(x, bias, None, activation, float(param), dim)
+    return ops.run_bias_act(x, bias, None, activation, float(param), dim)
 
 
 def relu(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -101,7 +101,7 @@ def prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     width = x.shape[dim] if x.dim() else 1
     _check_bias(bias, x, width, "bias", "x", f"shape[{dim}]")
-    return ops.bias_act(x, bias, weight.reshape(-1), "leaky_relu", 0.0, dim)
+    return ops.run_bias_act(x, bias, weight.reshape(-1), "leaky_relu", 0.0, dim)
 
 
 def gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
@@ -212,7 +212,7 @@ def gated(
     """
     _check_gated(gate, up, gate_bias, up_bias)
     kernel_activation, param = _resolve(activation, params)
-    return ops.gated(gate, up, gate_bias, up_bias, kernel_activation, param)
+    return ops.run_gated(gate, up, gate_bias, up_bias, kernel_activation, param)
 
 
 def gated_packed(
@@ -225,7 +225,7 @@ def gated_packed(
     """
     _check_packed(x, bias)
     kernel_activation, param = _resolve(activation, params)
-    return ops.gated_packed(x, bias, kernel_activation, param, gate_first)
+    return ops.run_gated_packed(x, bias, kernel_activation, param, gate_first)
 
 
 def swiglu(gate: Tensor, up: Tensor, gate_bias: Optional[Tensor] = None, up_bias: Optional[Tensor] = None) -> Tensor:
