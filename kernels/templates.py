@@ -145,11 +145,10 @@ def bias_act_bwd_kernel(
     row_group, cols = _tile(pid, num_rows, num_cols, BLOCK_M, BLOCK_N)
     col_block = pid % tl.cdiv(num_cols, BLOCK_N)
     col_mask = cols < num_cols
-    add_bias: tl.constexpr = HAS_BIAS and not SAVED_IS_OUTPUT
     first_row = row_group * rows_per_program
     if not CHANNELS_ALONG_ROWS:  # one bias/weight vector for every row of this program: load it once
         channels, channel_mask = _channels(first_row, cols, num_rows, num_cols, num_channels, False)
-        if add_bias:
+        if HAS_BIAS and not SAVED_IS_OUTPUT:  # the saved input needs its bias
             bias = tl.load(bias_ptr + channels, mask=channel_mask).to(tl.float32)
         if HAS_WEIGHT:
             slope = tl.load(weight_ptr + channels * stride_weight, mask=channel_mask).to(tl.float32)
@@ -161,7 +160,7 @@ def bias_act_bwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         if CHANNELS_ALONG_ROWS:
             channels, channel_mask = _channels(rows, cols, num_rows, num_cols, num_channels, True)
-            if add_bias:
+            if HAS_BIAS and not SAVED_IS_OUTPUT:
                 bias = tl.load(bias_ptr + channels, mask=channel_mask).to(tl.float32)
             if HAS_WEIGHT:
                 slope = tl.load(weight_ptr + channels * stride_weight, mask=channel_mask).to(tl.float32)
@@ -171,7 +170,7 @@ def bias_act_bwd_kernel(
         saved = tl.load(saved_ptr + rows[:, None] * stride_saved_row + cols[None, :] * stride_saved_col, mask=mask).to(
             tl.float32
         )
-        if add_bias:
+        if HAS_BIAS and not SAVED_IS_OUTPUT:
             saved += bias
         if HAS_WEIGHT:
             grad_x = activation_backward(grad_y, saved, ACTIVATION, slope)
