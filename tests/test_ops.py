@@ -275,3 +275,22 @@ def test_more_than_2_31_elements():
     z = (x[tail].detach().float() + bias.detach().float()).requires_grad_()
     torch.nn.functional.silu(z).sum().backward()
     torch.testing.assert_close(x.grad[tail].float(), z.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_more_than_2_31_elements_channels_in_rows():
+    """int64 offsets for the NCHW layout: row % C and the per-row partial sums past element 2^31."""
+    if torch.cuda.get_device_properties(0).total_memory < 30 * 2**30:
+        pytest.skip("needs 30 GB of GPU memory")
+    batch, channels, height, width = 2**11 + 1, 16, 256, 256  # 2^31 + 2^20 elements
+    x = torch.randn(batch, channels, height, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.full((channels,), 0.25, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = fusedact.prelu(x, weight)
+    last = x[-1:].detach().float()
+    assert torch.equal(y[-1:], torch.nn.functional.prelu(last, weight.detach().float()).to(torch.bfloat16))
+    del y
+    fusedact.prelu(x, weight).backward(torch.ones_like(x))
+    assert torch.equal(x.grad[-1:], torch.where(last > 0, 1.0, 0.25).to(torch.bfloat16))
+    expected = torch.where(x.detach() > 0, 0.0, x.detach().float()).sum(dim=(0, 2, 3))
+    torch.testing.assert_close(weight.grad.float(), expected, rtol=1e-2, atol=1.0)
