@@ -4,6 +4,7 @@
     >>> x, b = torch.randn(4, 8), torch.randn(8)
     >>> y = fusedact.gelu(x, bias=b)          # one read of x, one write of y
     >>> layer = fusedact.nn.BiasAct(8, "silu")  # owns its bias
+    >>> report = fusedact.patch(model)          # an existing model's activations, fused in place
 
 CUDA tensors run the Triton kernels; CPU tensors run a PyTorch fallback with the same numerics.
 """
@@ -37,6 +38,7 @@ from .functional import (
     tanh,
 )
 from .ops import get_cpu_backend, set_cpu_backend
+from .patching import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -57,6 +59,7 @@ __all__ = [
     "mish",
     "nn",
     "ops",
+    "patch",
     "prelu",
     "quick_gelu",
     "reglu",
@@ -71,4 +74,5 @@ __all__ = [
     "swiglu_packed",
     "swish",
     "tanh",
+    "unpatch",
 ]
