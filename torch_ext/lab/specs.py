@@ -99,11 +99,15 @@ def parse_activation(text: str) -> ActivationSpec:
         close = difflib.get_close_matches(name, known_activations(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise LabError(f"unknown activation {name!r}{hint}; choose from: {', '.join(known_activations())}")
-    spec = ActivationSpec(name, params)
+    return check_activation(ActivationSpec(name, params), text)
+
+
+def check_activation(spec: ActivationSpec, text: Optional[str] = None) -> ActivationSpec:
+    """``spec``, once it has run through ``fusedact.bias_act`` without complaint (else a ``LabError``)."""
     try:
         spec(torch.zeros(1, 4))
     except (TypeError, ValueError) as error:
-        raise LabError(f"activation {text!r}: {error}") from None
+        raise LabError(f"activation {text or spec.label!r}: {error}") from None
     return spec
 
 
