@@ -88,6 +88,7 @@ _KINDS: dict[str, Callable[[nn.Module], tuple[str, dict]]] = {
     "timm.layers.activations.Sigmoid": lambda m: ("sigmoid", {}),
     "timm.layers.activations.Tanh": lambda m: ("tanh", {}),
     "timm.layers.activations.Mish": lambda m: ("mish", {}),
+    "timm.layers.activations.PReLU": lambda m: ("prelu", {"num_parameters": m.num_parameters}),
 }
 
 # fusedact's own modules: kind and settings, so patching twice (and the lab's inspect) sees them.
@@ -103,6 +104,8 @@ _FUSED_KINDS: dict[type, Callable[[nn.Module], tuple[str, dict]]] = {
 
 # Single-input kinds the fused bias_act kernel computes (so a preceding layer's bias can be folded in).
 _FOLDABLE = frozenset(kind for kind in F.ACTIVATIONS if kind not in ("swiglu", "geglu", "reglu", "glu"))
+# Kinds whose fusedact module takes torch.nn's (accepted, ignored) ``inplace`` argument.
+_TAKES_INPLACE = frozenset({"relu", "leaky_relu", "silu", "elu", "selu", "celu", "mish"})
 # Gated-MLP activation kinds -> the gated kernel's activation.
 _GATED = {"silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid"}
 
@@ -607,8 +610,8 @@ def patch(
                 continue
             if id(module) not in replaced:
                 settings = dict(kind[1])
-                if "inplace" in getattr(module, "__dict__", {}):
-                    settings["inplace"] = module.inplace
+                if kind[0] in _TAKES_INPLACE and isinstance(getattr(module, "inplace", None), bool):
+                    settings["inplace"] = module.inplace  # kept for the repr; the fused module writes a new tensor
                 new = fused_module(kind[0], **settings)
                 if kind[0] == "prelu":
                     new.weight = module.weight  # the same Parameter: same state_dict key and value

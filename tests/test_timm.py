@@ -1,0 +1,59 @@
+"""fusedact.patch on timm models built with random weights (nothing downloaded): a ResNet and a ViT.
+
+timm needs torchvision, whose PyPI build does not import beside the CPU torch CI installs, so these tests
+skip where timm is missing; run them where it is (``pip install timm``, with a matching torchvision):
+``python -m pytest -q tests/test_timm.py``. Tolerances as in test_integration.py (fp32: rtol=atol=1e-5).
+"""
+
+import copy
+
+import pytest
+import torch
+
+import fusedact
+
+timm = pytest.importorskip("timm")
+
+
+def compare(model: torch.nn.Module, images: torch.Tensor):
+    original = copy.deepcopy(model)
+    report = fusedact.patch(model)
+    outputs = []
+    for m in (model, original):
+        m.zero_grad(set_to_none=True)
+        out = m(images)
+        out.pow(2).mean().backward()
+        outputs.append((out.detach(), {name: p.grad for name, p in m.named_parameters()}))
+    (out, grads), (out_reference, grads_reference) = outputs
+    torch.testing.assert_close(out, out_reference, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_reference.keys()
+    for name in grads:
+        torch.testing.assert_close(
+            grads[name], grads_reference[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert list(model.state_dict()) == list(original.state_dict())
+    return report
+
+
+def test_resnet():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    report = compare(model, torch.randn(2, 3, 32, 32))
+    # conv -> BatchNorm -> ReLU: no bias to fold, every ReLU module replaced (each block has two).
+    assert {change.action for change in report.changes} == {"replace"}
+    relus = [name for name, m in model.named_modules() if isinstance(m, fusedact.nn.ReLU)]
+    assert len(relus) == 1 + 2 * 8 and all(type(m) is not torch.nn.ReLU for m in model.modules())
+
+
+def test_vit():
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10
+    ).eval()
+    report = compare(model, torch.randn(2, 3, 32, 32))
+    # timm's Mlp: fc1 -> GELU, the fc1 bias folded into the GELU kernel in each block.
+    assert [(c.path, c.action) for c in report.changes] == [
+        ("blocks.0.mlp.act", "fold_bias"),
+        ("blocks.1.mlp.act", "fold_bias"),
+    ]
+    assert report.left == []
