@@ -1,6 +1,7 @@
 """The activation lab (``fusedact inspect | swap | experiment | plot``): commands end to end on tiny settings,
 and the numbers they report checked against what they must be."""
 
+import copy
 import json
 import math
 import os
@@ -9,12 +10,17 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 import fusedact
 from fusedact.lab import cli
 from fusedact.lab.experiment import ExperimentConfig, loss_spikiness, run_experiment, spirals
+from fusedact.lab.inspection import format_inspection, inspect_model
+from fusedact.lab.models import load_model
 from fusedact.lab.plots import plot_activations
 from fusedact.lab.specs import LabError, parse_activation
+from fusedact.lab.swap import swap, swap_model
+from fusedact.patching import FoldedBias
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -262,3 +268,358 @@ def test_python_dash_m_fusedact():
     completed = run_cli("plot", "gelux")
     assert completed.returncode == 2
     assert "fusedact plot: error: unknown activation 'gelux' (did you mean 'gelu'?)" in completed.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# inspect
+
+
+def torch_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(3, 8),
+        nn.ReLU(),
+        nn.Linear(8, 8),
+        nn.GELU(approximate="tanh"),
+        nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.2)),
+        nn.Softplus(),  # looks like an activation, and fusedact does not know it
+        fusedact.nn.SiLU(),
+        fusedact.nn.BiasAct(8, "elu", alpha=0.5),
+    )
+
+
+def columns(report: dict) -> list:
+    return [(row["path"], row["kind"], row["params"], row["fused"]) for row in report["activations"]]
+
+
+def test_inspect_torch_model_before_and_after_patch():
+    model = torch_model()
+    report = inspect_model(model)
+    assert columns(report) == [
+        ("1", "relu", {}, False),
+        ("3", "gelu", {"approximate": "tanh"}, False),
+        ("4.1", "leaky_relu", {"negative_slope": 0.2}, False),
+        ("5", None, {}, False),
+        ("6", "silu", {}, True),
+        ("7", "elu", {"alpha": 0.5}, True),
+    ]
+    assert report["counts"] == {
+        "relu": 1,
+        "gelu(approximate=tanh)": 1,
+        "leaky_relu(negative_slope=0.2)": 1,
+        "unrecognized": 1,
+        "silu": 1,
+        "elu(alpha=0.5)": 1,
+    }
+    assert (report["fused"], report["parameters"], report["config"]) == (2, 3 * 8 + 8 + 2 * (8 * 8 + 8) + 8, [])
+    text = format_inspection(report)
+    assert "6 activation modules" in text and "2 fused" in text
+    table = {line.split()[0]: line.split() for line in text.splitlines()[3:]}
+    assert table["4.1"] == ["4.1", "leaky_relu", "negative_slope=0.2", "no", "torch.nn.modules.activation.LeakyReLU"]
+    assert table["5"] == ["5", "?", "(not", "recognized)", "-", "no", "torch.nn.modules.activation.Softplus"]
+
+    x = torch.randn(5, 3)
+    expected = model(x)
+    fusedact.patch(model)
+    after = inspect_model(model)
+    # Same kinds and settings; the three after a biased Linear now add its bias themselves (FoldedBias).
+    assert [row[:3] for row in columns(after)] == [row[:3] for row in columns(report)]
+    assert [row["fused"] for row in after["activations"]] == [True, True, True, False, True, True]
+    assert [row["class"].rpartition(".")[2] for row in after["activations"]] == [
+        "FoldedBias",
+        "FoldedBias",
+        "FoldedBias",
+        "Softplus",
+        "SiLU",
+        "BiasAct",
+    ]
+    assert after["fused"] == 5
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_inspect_shared_module_and_bare_activation():
+    act = nn.Tanh()
+    rows = inspect_model(nn.Sequential(nn.Linear(2, 2), act, nn.Linear(2, 2), act))["activations"]
+    assert [(row["path"], row["shared_with"]) for row in rows] == [("1", None), ("3", "1")]
+    (row,) = inspect_model(nn.GELU())["activations"]
+    assert (row["path"], row["kind"], row["params"]) == ("(root)", "gelu", {"approximate": "none"})
+
+
+# name -> activation module paths, kind, settings, the config's key and value, other activation modules
+TRANSFORMERS = {
+    "tiny-llama": (["layers.0.mlp.act_fn", "layers.1.mlp.act_fn"], "silu", {}, "hidden_act", "silu", []),
+    "tiny-gpt2": (
+        ["h.0.mlp.act", "h.1.mlp.act"],
+        "gelu",
+        {"approximate": "tanh"},
+        "activation_function",
+        "gelu_new",
+        [],
+    ),
+    "tiny-bert": (
+        [f"encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)],
+        "gelu",
+        {"approximate": "none"},
+        "hidden_act",
+        "gelu",
+        [("pooler.activation", "tanh", {})],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_inspect_transformers_models(name):
+    paths, kind, params, key, value, others = TRANSFORMERS[name]
+    model = load_model(name)
+    report = inspect_model(model)
+    expected = [(path, kind, params, False) for path in paths] + [(*other, False) for other in others]
+    assert columns(report) == expected
+    assert report["config"] == [{"key": key, "value": value, "kind": kind, "params": params, "modules": len(paths)}]
+    assert report["fused"] == 0
+
+    changes = fusedact.patch(model).changes
+    after = inspect_model(model)
+    assert [row[:3] for row in columns(after)] == [row[:3] for row in expected]
+    assert after["fused"] == len(expected) and all(row["fused"] for row in after["activations"])
+    if name == "tiny-llama":  # the gated MLP runs SwiGLU; its act_fn is a fusedact module
+        assert [change.action for change in changes] == ["gated_mlp", "gated_mlp", "replace", "replace"]
+    else:  # a Linear (or GPT-2's Conv1D) feeds each activation: bias folded into it
+        assert [change.action for change in changes] == ["fold_bias"] * len(expected)
+
+
+def test_inspect_command(capsys):
+    assert cli.main(["inspect", "tiny-bert"]) == 0
+    output = capsys.readouterr().out
+    assert (
+        "BertModel: BertModel, 24,416 parameters; 3 activation modules (2 gelu(approximate=none), 1 tanh), 0 fused"
+        in output
+    )
+    assert "encoder.layer.1.intermediate.intermediate_act_fn  gelu  approximate=none  no" in output
+    assert "hidden_act = 'gelu' -> gelu: 2 module(s) above" in output
+    assert cli.main(["inspect", "tiny-gpt2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"] == {"gelu(approximate=tanh)": 2} and report["parameters"] == 31616
+
+
+MODEL_FILE = """
+import torch
+
+
+def build(width=6):
+    return torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.ELU(alpha=0.5), torch.nn.Linear(width, 1))
+
+
+def not_a_model():
+    return 42
+"""
+
+
+def test_inspect_module_callable(tmp_path, monkeypatch, capsys):
+    (tmp_path / "lab_test_models.py").write_text(MODEL_FILE)
+    model = load_model(f"{tmp_path / 'lab_test_models.py'}:build")
+    assert columns(inspect_model(model)) == [("1", "elu", {"alpha": 0.5}, False)]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["inspect", "lab_test_models:build", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "Sequential" and report["parameters"] == 2 * 6 + 6 + 6 + 1
+    assert [(row["path"], row["kind"], row["params"]) for row in report["activations"]] == [
+        ("1", "elu", {"alpha": 0.5})
+    ]
+    assert cli.main(["inspect", "lab_test_models:not_a_model"]) == 2
+    assert "lab_test_models:not_a_model returned int, not a torch.nn.Module" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# swap
+
+
+def two_unit_model(activation: nn.Module) -> nn.Sequential:
+    """x -> (x + 0.5, -x) -> activation: pre-activations of -1.5, 2 (x = -2) and 3.5, -3 (x = 3)."""
+    layer = nn.Linear(1, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        layer.bias.copy_(torch.tensor([0.5, 0.0]))
+    return nn.Sequential(layer, activation)
+
+
+def test_swap_relu_to_leaky_relu_then_patch():
+    model = two_unit_model(nn.ReLU())
+    x = torch.tensor([[-2.0], [3.0]])
+    torch.testing.assert_close(model(x), torch.tensor([[0.0, 2.0], [3.5, 0.0]]))
+    changes = swap(model, "relu", "leaky_relu:negative_slope=0.1")
+    assert changes == [
+        {
+            "path": "1",
+            "class": "torch.nn.modules.activation.ReLU",
+            "before": "ReLU()",
+            "after": "LeakyReLU(negative_slope=0.1)",
+        }
+    ]
+    assert type(model[1]) is fusedact.nn.LeakyReLU
+    expected = torch.tensor([[-0.15, 2.0], [3.5, -0.3]])
+    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(expected, torch.nn.functional.leaky_relu(model[0](x), 0.1))
+
+    # fusedact.patch after the swap: the new activation adds the Linear's bias itself.
+    (change,) = fusedact.patch(model).changes
+    assert (change.path, change.action) == ("1", "fold_bias")
+    assert isinstance(model[1], FoldedBias) and (model[1].activation, model[1].params) == (
+        "leaky_relu",
+        {"negative_slope": 0.1},
+    )
+    torch.testing.assert_close(model(x), expected)
+    fusedact.unpatch(model)
+    assert type(model[0]) is nn.Linear and type(model[1]) is fusedact.nn.LeakyReLU
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_swap_on_a_patched_model_keeps_it_patched():
+    model = two_unit_model(nn.ReLU())
+    fusedact.patch(model)
+    x = torch.tensor([[-2.0], [3.0]])
+    (change,) = swap(model, "relu", "gelu_tanh")
+    assert (change["before"], change["after"]) == ("ReLU()", "GELU(approximate='tanh')")
+    assert isinstance(model[1], FoldedBias) and model[1].activation == "gelu"  # the bias is still folded
+    expected = torch.nn.functional.gelu(torch.tensor([[-1.5, 2.0], [3.5, -3.0]]), approximate="tanh")
+    torch.testing.assert_close(model(x), expected)
+    fusedact.unpatch(model)  # the swapped model, unpatched
+    assert type(model[0]) is nn.Linear and type(model[1]) is fusedact.nn.GELU
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_swap_shared_modules_settings_filter_and_bias_act():
+    act = nn.GELU(approximate="tanh")
+    model = nn.Sequential(nn.Linear(2, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 4), nn.GELU())
+    assert swap(model, "gelu:approximate=tanh", "silu") and [type(m).__name__ for m in model[1::2]] == [
+        "SiLU",
+        "SiLU",
+        "GELU",
+    ]
+    assert model[1] is model[3]  # one new module where there was one
+    assert swap(model, "relu", "tanh") == []
+    bias_act = fusedact.nn.BiasAct(4, "relu")
+    with torch.no_grad():
+        bias_act.bias.fill_(-1.0)
+    model = nn.Sequential(nn.Linear(2, 4, bias=False), bias_act)
+    swap(model, "relu", "elu")
+    assert type(model[1]) is fusedact.nn.BiasAct and model[1].bias is bias_act.bias  # the same Parameter
+    torch.testing.assert_close(model(torch.zeros(1, 2)), torch.full((1, 4), math.expm1(-1.0)))
+
+
+def bert_reference(model: nn.Module, activation: nn.Module) -> nn.Module:
+    """An unpatched copy of ``model`` with torch's ``activation`` in every BERT MLP."""
+    reference = copy.deepcopy(model)
+    for layer in reference.encoder.layer:
+        layer.intermediate.intermediate_act_fn = copy.deepcopy(activation)
+    return reference
+
+
+@pytest.mark.parametrize("patch", [False, True])
+def test_swap_gelu_to_relu_on_bert(patch):
+    torch.manual_seed(0)
+    model = load_model("tiny-bert").eval()
+    reference = bert_reference(model, nn.ReLU())
+    tokens = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        before = model(input_ids=tokens).last_hidden_state
+        expected = reference(input_ids=tokens).last_hidden_state
+    report = swap_model(model, "gelu", "relu", patch=patch)
+    assert (report["kinds_before"], report["kinds_after"]) == ({"gelu": 2, "tanh": 1}, {"relu": 2, "tanh": 1})
+    assert [change["path"] for change in report["changes"]] == TRANSFORMERS["tiny-bert"][0]
+    assert report["functional"] == [] and report["repatched"] is False
+    if patch:
+        assert [change["action"] for change in report["patch"]["changes"]] == ["fold_bias"] * 3
+        assert inspect_model(model)["fused"] == 3
+    else:
+        assert report["patch"] is None and inspect_model(model)["fused"] == 2
+    with torch.no_grad():
+        after = model(input_ids=tokens).last_hidden_state
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, expected, msg="swapped BERT vs an unpatched BERT with nn.ReLU")
+
+
+def test_swap_on_patched_llama_runs_the_new_gated_kernel():
+    torch.manual_seed(0)
+    model = load_model("tiny-llama").eval()
+    reference = copy.deepcopy(model)
+    for layer in reference.layers:
+        layer.mlp.act_fn = nn.ReLU()
+    fusedact.patch(model)
+    report = swap_model(model, "silu", "relu")
+    assert report["repatched"] and [change["action"] for change in report["patch"]["changes"]] == ["gated_mlp"] * 2
+    assert "relu gated kernel" in report["patch"]["changes"][0]["after"]
+    tokens = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=tokens).last_hidden_state,
+            reference(input_ids=tokens).last_hidden_state,
+            msg="swapped, patched Llama (ReGLU kernel) vs an unpatched Llama with nn.ReLU",
+        )
+
+
+def test_swap_command(capsys):
+    argv = ["swap", "tiny-gpt2", "--from", "gelu", "--to", "leaky_relu:negative_slope=0.1", "--patch"]
+    assert cli.main(argv) == 0
+    output = capsys.readouterr().out
+    assert "GPT2Model: gelu -> leaky_relu(negative_slope=0.1), 2 replaced" in output
+    assert "h.1.mlp.act  NewGELUActivation()  ->  LeakyReLU(negative_slope=0.1)" in output
+    assert "activations before: 2 gelu\nactivations after:  2 leaky_relu" in output
+    assert "fusedact.patch (--patch):" in output and output.count("fold_bias") == 2
+    assert cli.main(["swap", "tiny-bert", "--from", "gelu", "--to", "relu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kinds_after"] == {"relu": 2, "tanh": 1} and len(report["changes"]) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "tiny-lama"], "unknown built-in model 'tiny-lama' (did you mean 'tiny-llama'?)"),
+        (["inspect", "no_such_model_anywhere"], "MODEL is a built-in tiny transformers model (tiny-llama,"),
+        (["inspect", "no_such_package.models:build"], "cannot import 'no_such_package.models'"),
+        (
+            ["swap", "tiny-bert", "--from", "relu", "--to", "gelu"],
+            "no activation of kind 'relu' in BertModel; it has: gelu(approximate=none) x2, tanh x1",
+        ),
+        (
+            ["swap", "tiny-bert", "--from", "gelu", "--to", "gelux"],
+            "unknown activation 'gelux' (did you mean 'gelu'?); choose from: relu, leaky_relu,",
+        ),
+        (
+            ["swap", "tiny-bert", "--from", "relux", "--to", "gelu"],
+            "unknown activation kind 'relux' (did you mean 'relu'?); choose from: relu,",
+        ),
+        (["swap", "tiny-bert", "--from", "gelu", "--to", "leaky_relu:slope=0.1"], "unexpected keyword"),
+        (
+            ["swap", "tiny-bert", "--from", "gelu", "--to", "swiglu"],
+            "swiglu is gated (it halves the last dimension), gelu is not",
+        ),
+    ],
+)
+def test_inspect_and_swap_errors(argv, message, capsys):
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"fusedact {argv[0]}: error: ") and message in error
+
+
+def test_swap_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["swap", "tiny-bert", "--to", "relu"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --from" in capsys.readouterr().err
+    with pytest.raises(LabError, match="there is no parent"):
+        swap(nn.ReLU(), "relu", "gelu")
+
+
+def test_timm_inspect_and_swap():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet10t", pretrained=False).eval()
+    report = inspect_model(model)
+    relus = report["counts"]["relu"]
+    assert relus > 5
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected_shape = model(x).shape
+    changes = swap(model, "relu", "leaky_relu:negative_slope=0.1")
+    assert len(changes) == relus and inspect_model(model)["counts"] == {"leaky_relu(negative_slope=0.1)": relus}
+    with torch.no_grad():
+        assert model(x).shape == expected_shape

@@ -154,8 +154,11 @@ def _run_inspect(args) -> None:
 
 def _run_swap(args) -> None:
     from .models import load_model
-    from .swap import format_swap, swap_model
+    from .specs import parse_activation
+    from .swap import format_swap, source_filter, swap_model
 
+    source_filter(args.source)  # a typo in --from or --to fails before the model is built
+    parse_activation(args.target)
     report = swap_model(load_model(args.model), args.source, args.target, patch=args.patch)
     print(json.dumps(report, indent=1, default=_json_default) if args.json else format_swap(report))
 

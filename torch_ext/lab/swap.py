@@ -37,7 +37,7 @@ from .specs import ALIASES, GATED, ActivationSpec, LabError, check_activation, p
 SOURCE_KINDS = (*functional.ACTIVATIONS, "prelu", "softmax", "log_softmax")
 
 
-def _source_filter(source: Union[str, ActivationSpec]) -> tuple[str, Optional[dict]]:
+def source_filter(source: Union[str, ActivationSpec]) -> tuple[str, Optional[dict]]:
     """``"relu"`` -> every relu; ``"gelu:approximate=tanh"`` (or ``"gelu_tanh"``) -> only gelus with
     exactly those settings. An unknown kind is a ``LabError`` naming the valid ones."""
     if isinstance(source, ActivationSpec):
@@ -108,7 +108,7 @@ def _swap(
     model: nn.Module, source: Union[str, ActivationSpec], target: Union[str, ActivationSpec], params: dict
 ) -> tuple[list, Optional[patching.PatchReport]]:
     """The changes, and the report of patching the model again when it was patched."""
-    name, source_params = _source_filter(source)
+    name, source_params = source_filter(source)
     if isinstance(target, str):
         target = parse_activation(target)
     spec = check_activation(ActivationSpec(target.name, {**target.params, **params}))
