@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from . import softmax as softmax_ops
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -176,6 +177,32 @@ def heaviside(x: Tensor, bias: Optional[Tensor] = None, value: float = 0.0, stra
     networks): a deliberate approximation, never the default.
     """
     return _single(x, bias, "heaviside_ste" if straight_through else "heaviside", value)
+
+
+def _softmax(x: Tensor, bias: Optional[Tensor], dim: int, log: bool) -> Tensor:
+    _check_input(x, "x")
+    dim = _channel_dim(x, dim)
+    _check_bias(bias, x, x.shape[dim] if x.dim() else 1, "bias", "x", f"shape[{dim}]")
+    return softmax_ops.run_softmax(x, bias, dim, log)
+
+
+def softmax(x: Tensor, bias: Optional[Tensor] = None, dim: int = -1) -> Tensor:
+    """exp(z - max z) / sum(exp(z - max z)) along ``dim``, z = x + bias (``torch.softmax``).
+
+    Unlike the elementwise activations, each output depends on its whole row: ``bias`` has length
+    ``x.shape[dim]`` and broadcasts over every other dimension. The backward needs only the output.
+
+        >>> x, b = torch.randn(4, 10), torch.zeros(10)
+        >>> torch.allclose(fusedact.softmax(x, b), torch.softmax(x, dim=-1))
+        True
+    """
+    return _softmax(x, bias, dim, False)
+
+
+def log_softmax(x: Tensor, bias: Optional[Tensor] = None, dim: int = -1) -> Tensor:
+    """(z - max z) - log(sum(exp(z - max z))) along ``dim``, z = x + bias (``torch.log_softmax``): the
+    log-probabilities a cross-entropy loss reads. Example: ``fusedact.log_softmax(logits, vocab_bias)``."""
+    return _softmax(x, bias, dim, True)
 
 
 def _check_gated(gate: Tensor, up: Tensor, gate_bias: Optional[Tensor], up_bias: Optional[Tensor]) -> None:

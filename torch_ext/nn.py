@@ -1,12 +1,12 @@
 """``nn.Module``s: drop-in twins of ``torch.nn`` activations, plus modules that own a fused bias.
 
 ``ReLU``, ``LeakyReLU``, ``GELU``, ``SiLU``, ``Sigmoid``, ``Tanh``, ``ELU``, ``SELU``, ``CELU``, ``Mish``,
-``GLU`` and ``PReLU`` subclass their ``torch.nn`` twins: same constructor arguments, ``extra_repr``,
-``state_dict`` (empty, or PReLU's ``weight``) and ``isinstance`` checks; only ``forward`` runs the fused
-kernel. ``Swish``, ``ReLUSquared``, ``QuickGELU``, ``Heaviside``, ``SwiGLU``, ``GeGLU`` and ``ReGLU`` have
-no ``torch.nn`` twin; ``BiasAct`` owns a bias. ``inplace=True`` is accepted for compatibility but the
-result is always a new tensor (the fused kernel writes its own output), so code that uses the returned
-value behaves the same.
+``GLU``, ``PReLU``, ``Softmax`` and ``LogSoftmax`` subclass their ``torch.nn`` twins: same constructor
+arguments, ``extra_repr``, ``state_dict`` (empty, or PReLU's ``weight``) and ``isinstance`` checks; only
+``forward`` runs the fused kernel. ``Swish``, ``ReLUSquared``, ``QuickGELU``, ``Heaviside``, ``SwiGLU``,
+``GeGLU`` and ``ReGLU`` have no ``torch.nn`` twin; ``BiasAct`` owns a bias. ``inplace=True`` is accepted
+for compatibility but the result is always a new tensor (the fused kernel writes its own output), so code
+that uses the returned value behaves the same.
 
 Example::
 
@@ -79,6 +79,28 @@ class GLU(torch.nn.GLU):
 
     def forward(self, input: Tensor) -> Tensor:
         return F.glu(input, dim=self.dim)
+
+
+def _softmax_dim(name: str, dim: Optional[int], input: Tensor) -> int:
+    """``dim``, or for ``dim=None`` torch.nn's legacy choice (0 for 0-, 1- and 3-D input, else 1) with its
+    deprecation warning, as ``torch.nn.Softmax(dim=None)`` does."""
+    if dim is None:
+        return torch.nn.functional._get_softmax_dim(name, input.dim(), stacklevel=4)
+    return dim
+
+
+class Softmax(torch.nn.Softmax):
+    """``torch.nn.Softmax``: the softmax along ``dim`` (same constructor, repr and empty state_dict)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.softmax(input, dim=_softmax_dim("softmax", self.dim, input))
+
+
+class LogSoftmax(torch.nn.LogSoftmax):
+    """``torch.nn.LogSoftmax``: log-probabilities along ``dim``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.log_softmax(input, dim=_softmax_dim("log_softmax", self.dim, input))
 
 
 class ReLUSquared(torch.nn.Module):
