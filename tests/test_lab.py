@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from fusedact.lab.inspection import format_inspection, inspect_model
 from fusedact.lab.models import load_model
 from fusedact.lab.plots import plot_activations
 from fusedact.lab.specs import LabError, parse_activation
-from fusedact.lab.swap import swap, swap_model
+from fusedact.lab.swap import format_swap, swap, swap_model
 from fusedact.patching import FoldedBias
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -399,6 +400,45 @@ def test_inspect_command(capsys):
     assert cli.main(["inspect", "tiny-gpt2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["counts"] == {"gelu(approximate=tanh)": 2} and report["parameters"] == 31616
+
+
+def test_inspect_config_directory(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    settings = dict(vocab_size=64, n_embd=16, n_layer=3, n_head=2, n_positions=16, activation_function="relu")
+    transformers.GPT2Config(**settings).save_pretrained(tmp_path)
+    assert cli.main(["inspect", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(row["path"], row["kind"]) for row in report["activations"]] == [
+        (f"h.{i}.mlp.act", "relu") for i in range(3)
+    ]
+    assert report["config"] == [
+        {"key": "activation_function", "value": "relu", "kind": "relu", "params": {}, "modules": 3}
+    ]
+
+
+class FunctionalSiLU(nn.Module):
+    """Like many Hugging Face models: the config names the activation, and ``forward`` calls it as a function."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(hidden_act="silu")
+        self.fc, self.act = nn.Linear(2, 4), nn.ReLU()
+
+    def forward(self, x):
+        return torch.nn.functional.silu(self.act(self.fc(x)))
+
+
+def test_functional_activation_named_in_the_config(capsys):
+    pytest.importorskip("transformers")
+    model = FunctionalSiLU()
+    report = inspect_model(model)
+    assert report["config"] == [{"key": "hidden_act", "value": "silu", "kind": "silu", "params": {}, "modules": 0}]
+    assert "hidden_act = 'silu' -> silu: no module of that kind, so the model calls it as a function" in (
+        format_inspection(report)
+    )
+    swapped = swap_model(model, "relu", "gelu")
+    assert [entry["key"] for entry in swapped["functional"]] == ["hidden_act"]
+    assert "not swapped: config hidden_act = 'silu' is called as a function, not a module" in format_swap(swapped)
 
 
 MODEL_FILE = """
