@@ -34,7 +34,7 @@ from .specs import ALIASES, GATED, ActivationSpec, LabError, check_activation, p
 
 # Kinds an activation module may have (``activation_kind``): fusedact's functions, and the modules with a
 # weight or a dim of their own.
-SOURCE_KINDS = (*functional.ACTIVATIONS, "prelu", "softmax", "log_softmax")
+SOURCE_KINDS = tuple(dict.fromkeys((*functional.ACTIVATIONS, "prelu", "softmax", "log_softmax")))
 
 
 def source_filter(source: Union[str, ActivationSpec]) -> tuple[str, Optional[dict]]:
