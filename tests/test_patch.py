@@ -220,6 +220,21 @@ def test_settings_kept_and_shared_instances_replaced_once():
     torch.testing.assert_close(model(x), torch.nn.functional.prelu(twice, weight))
 
 
+def test_the_rest_of_the_family_is_replaced():
+    """Softmax and LogSoftmax (with their dim), GLU, PReLU: replaced, not folded (a bias-free or per-channel
+    form fusedact.bias_act does not take), and the same function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.Softmax(dim=-1), nn.Linear(6, 8), nn.LogSoftmax(dim=0), nn.GLU(), nn.PReLU(), nn.Tanh()
+    )
+    original = copy.deepcopy(model)
+    report = fusedact.patch(model)
+    assert [(c.path, c.action) for c in report.changes] == [(str(i), "replace") for i in range(1, 7) if i != 2]
+    assert (type(model[1]), model[1].dim) == (fusedact.nn.Softmax, -1)
+    assert (type(model[3]), model[3].dim) == (fusedact.nn.LogSoftmax, 0)
+    assert_same_function(model, original, torch.randn(5, 4))
+
+
 def test_options_select_what_is_patched():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU())
     report = fusedact.patch(model, activations={"gelu"}, fold_bias=False)

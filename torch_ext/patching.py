@@ -172,10 +172,9 @@ def fused_module(kind: str, **settings) -> nn.Module:
         "swiglu": lambda: fnn.SwiGLU(),
         "geglu": lambda approximate="none": fnn.GeGLU(approximate),
         "reglu": lambda: fnn.ReGLU(),
+        "softmax": lambda dim=None: fnn.Softmax(dim),
+        "log_softmax": lambda dim=None: fnn.LogSoftmax(dim),
     }
-    if hasattr(fnn, "Softmax"):
-        builders["softmax"] = lambda dim=None: fnn.Softmax(dim)
-        builders["log_softmax"] = lambda dim=None: fnn.LogSoftmax(dim)
     if kind not in builders:
         raise ValueError(f"no fusedact module for activation {kind!r}; expected one of {sorted(builders)}")
     try:
@@ -188,8 +187,6 @@ def _unsupported_setting(kind: str, settings: dict) -> Optional[str]:
     """Why the fused module cannot stand in for this module, if it cannot."""
     if kind == "glu" and settings["dim"] != -1:
         return f"GLU(dim={settings['dim']}) splits a dimension the kernel does not (only the last, dim=-1)"
-    if kind in ("softmax", "log_softmax") and not hasattr(fnn, "Softmax"):
-        return "softmax is not fused in this version"
     return None
 
 
