@@ -2,6 +2,11 @@
 
     python -m bench.ptx_report                                   # every kernel x activation, bf16 and fp32
     python -m bench.ptx_report --kernels bias_act_bwd_kernel --activations gelu_tanh --dtypes bf16
+    python -m bench.ptx_report --kernels softmax_fwd_kernel softmax_bwd_kernel --cols 8192
+
+The softmax kernels (``fusedact.kernels.softmax``) take no activation: their rows are ``softmax`` and
+``log_softmax``, at the last dimension (``inner_size`` 1), for ``--cols`` columns (beyond ``MAX_BLOCK_N``
+the online loop and the backward's row-sums kernel).
 
 For each kernel of ``fusedact.kernels`` (unwrapped from ``@triton.heuristics`` down to its ``JITFunction``),
 activation and dtype, ``triton.compile`` builds it for sm_90 with the specialisation a contiguous launch
@@ -34,9 +39,12 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from fusedact import kernels  # noqa: E402
+from fusedact.kernels import softmax as softmax_kernels  # noqa: E402
 from fusedact.ops import saves_output  # noqa: E402
 
-KERNELS = ("bias_act_fwd_kernel", "bias_act_bwd_kernel", "gated_fwd_kernel", "gated_bwd_kernel")
+SOFTMAX_KERNELS = ("softmax_fwd_kernel", "softmax_bwd_kernel", "softmax_bwd_row_sums_kernel")
+KERNELS = ("bias_act_fwd_kernel", "bias_act_bwd_kernel", "gated_fwd_kernel", "gated_bwd_kernel", *SOFTMAX_KERNELS)
+SOFTMAX_VARIANTS = ("softmax", "log_softmax")
 TARGET = GPUTarget("cuda", 90, 32)
 TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
@@ -54,11 +62,11 @@ def argument_spec(name: str, dtype: str, constants: dict) -> tuple[str, Optional
     if name in constants:
         return "constexpr", constants[name], False
     if name.endswith("_ptr"):
-        return ("*fp32" if name.startswith("partial") else f"*{TRITON_TYPES[dtype]}"), None, True
+        return ("*fp32" if name.startswith(("partial", "row_sums")) else f"*{TRITON_TYPES[dtype]}"), None, True
     if name == "stride_weight":
         return "i32", None, False  # 0 or 1 (a shared or per-channel PReLU slope)
-    if name.startswith("stride_") and name.endswith("_col"):
-        return "constexpr", 1, False  # a launch with a column stride of 1 specialises it so
+    if name.startswith("stride_") and name.endswith(("_col", "_inner")) or name == "inner_size":
+        return "constexpr", 1, False  # a launch with a column stride of 1 (softmax: last dim) specialises it so
     if name.startswith(("stride_", "num_")) or name == "rows_per_program":
         return "i32", None, True
     if name == "param":
@@ -86,10 +94,32 @@ def kernel_constants(activation: str, cols: int) -> dict:
     }
 
 
+def softmax_constants(kernel_name: str, variant: str, cols: int) -> dict:
+    """The constexprs of a softmax launch at the last dimension of ``cols`` columns, with a bias (gradient);
+    the backward of a row that fits one block reduces it in place, without row sums."""
+    block_m, block_n = softmax_kernels.softmax_block_shape(1 << 20, cols, rows_adjacent=False)
+    constants = {"LOG": variant == "log_softmax", "HAS_BIAS": True, "COMPUTE_GRAD_BIAS": True}
+    constants.update(SINGLE_BLOCK=cols <= block_n, HAS_ROW_SUMS=cols > block_n, BLOCK_M=block_m, BLOCK_N=block_n)
+    if cols <= block_n and kernel_name == "softmax_bwd_kernel":
+        constants["row_sums_ptr"] = None
+    return constants
+
+
+def block_and_warps(kernel_name: str, constants: dict) -> tuple[int, int]:
+    block_m, block_n = constants["BLOCK_M"], constants["BLOCK_N"]
+    if kernel_name in SOFTMAX_KERNELS:
+        return block_m * block_n, softmax_kernels.softmax_num_warps(block_m, block_n)
+    return block_m * block_n, kernels.num_warps_for(block_m, block_n)
+
+
 def compile_ptx(kernel_name: str, activation: str, dtype: str, cols: int) -> tuple[str, int]:
     """(PTX, num_warps) of one kernel specialisation for sm_90."""
-    function = jit_function(getattr(kernels, kernel_name))
-    constants = kernel_constants(activation, cols)
+    if kernel_name in SOFTMAX_KERNELS:
+        function = jit_function(getattr(softmax_kernels, kernel_name))
+        constants = softmax_constants(kernel_name, activation, cols)
+    else:
+        function = jit_function(getattr(kernels, kernel_name))
+        constants = kernel_constants(activation, cols)
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(function.arg_names):
         kind, value, divisible = argument_spec(name, dtype, constants)
@@ -98,7 +128,7 @@ def compile_ptx(kernel_name: str, activation: str, dtype: str, cols: int) -> tup
             constexprs[(index,)] = value
         if divisible:
             attrs[(index,)] = DIVISIBLE_BY_16
-    num_warps = kernels.num_warps_for(constants["BLOCK_M"], constants["BLOCK_N"])
+    _, num_warps = block_and_warps(kernel_name, constants)
     source = ASTSource(fn=function, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps})
     return compiled.asm["ptx"], num_warps
@@ -147,7 +177,10 @@ def format_widths(widths: Counter) -> str:
 def report_row(kernel_name: str, activation: str, dtype: str, cols: int) -> str:
     ptx, num_warps = compile_ptx(kernel_name, activation, dtype, cols)
     usage = registers_and_spills(ptx)
-    block_m, block_n = kernels.block_shape(cols)
+    if kernel_name in SOFTMAX_KERNELS:
+        block_m, block_n = softmax_kernels.softmax_block_shape(1 << 20, cols, rows_adjacent=False)
+    else:
+        block_m, block_n = kernels.block_shape(cols)
     spills = f"{usage['spill_stores']} / {usage['spill_loads']}"
     cells = [kernel_name, activation, dtype, f"{block_m}x{block_n}", str(num_warps), str(usage["registers"]), spills]
     cells += [format_widths(access_widths(ptx, "ld")), format_widths(access_widths(ptx, "st"))]
@@ -172,7 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"triton {triton.__version__}, target sm_90 (ptxas -arch=sm_90a), {args.cols} columns\n")
     print(HEADER, flush=True)
     for kernel_name in args.kernels:
-        for activation in args.activations:
+        variants = SOFTMAX_VARIANTS if kernel_name in SOFTMAX_KERNELS else args.activations
+        for activation in variants:
             for dtype in args.dtypes:
                 print(report_row(kernel_name, activation, dtype, args.cols), flush=True)
     return 0

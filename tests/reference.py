@@ -156,3 +156,8 @@ def cancellation_floor(z: torch.Tensor, grad: torch.Tensor | float = 1.0) -> tor
     grad = grad.abs() if isinstance(grad, torch.Tensor) else torch.tensor(abs(grad), dtype=torch.float64)
     floor = 2e-6 * torch.clamp(z.abs(), 1.0, 10.0) * grad
     return torch.where(torch.isfinite(floor), floor, 0.0)
+
+
+def reference_softmax(z: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    """softmax (or log_softmax) along ``dim`` of the exact float64 ``z = x + bias`` (differentiable)."""
+    return torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
