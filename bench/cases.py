@@ -158,6 +158,24 @@ ALL_OPS = [
     Op("prelu", "F.prelu(x, w)", "bias", lambda x, w: fusedact.prelu(x, w), lambda x, w: F.prelu(x, w), "prelu"),
     Op("reglu", "F.relu(g) * u", "gated", lambda g, u: fusedact.reglu(g, u), lambda g, u: F.relu(g) * u, "reglu"),
     Op("glu", "F.glu(x + b)", "packed_bias", lambda x, b: fusedact.glu(x, b), lambda x, b: F.glu(x + b), "glu"),
+    # Row-wise: one read of each row and one write while a row fits a block (MAX_BLOCK_N), as counted here;
+    # longer rows read x twice (online softmax), so their GB/s from these bytes is below what moves.
+    Op(
+        "softmax",
+        "torch.softmax(x + b, -1)",
+        "bias",
+        lambda x, b: fusedact.softmax(x, b),
+        lambda x, b: torch.softmax(x + b, -1),
+        "softmax",
+    ),
+    Op(
+        "log_softmax",
+        "torch.log_softmax(x + b, -1)",
+        "bias",
+        lambda x, b: fusedact.log_softmax(x, b),
+        lambda x, b: torch.log_softmax(x + b, -1),
+        "log_softmax",
+    ),
 ]
 # The default sweep: the ops the targets are about, each kernel path once.
 DEFAULT_OPS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "swiglu_bias", "swiglu_packed", "geglu")
