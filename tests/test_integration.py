@@ -18,41 +18,28 @@ import pytest
 import torch
 
 import fusedact
+from fusedact.lab.models import TINY_MODELS
 
 transformers = pytest.importorskip("transformers")
 
-SEQUENCE, BATCH, VOCAB = 12, 2, 128
+SEQUENCE, BATCH = 12, 2
+VOCAB = TINY_MODELS["tiny-llama"][1]["vocab_size"]  # 128, as every tiny model
 
 
-def _llama_like(config_class, **extra):
-    return config_class(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **extra,
-    )
+def _tiny(name: str, config_class: str = "", **extra):
+    """The lab's built-in tiny model ``name`` (the real architecture, 2 layers of width 32), as a config of
+    ``config_class`` (default: its own), with ``extra`` settings."""
+    own_class, settings = TINY_MODELS[name]
+    return getattr(transformers, config_class or own_class)(**settings, **extra)
 
 
 CONFIGS = {
-    "llama": lambda: _llama_like(transformers.LlamaConfig),
-    "llama-mlp-bias": lambda: _llama_like(transformers.LlamaConfig, mlp_bias=True),
-    "mistral": lambda: _llama_like(transformers.MistralConfig),
-    "qwen2": lambda: _llama_like(transformers.Qwen2Config),
-    "gpt2": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
-    ),
-    "bert": lambda: transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ),
+    "llama": lambda: _tiny("tiny-llama"),
+    "llama-mlp-bias": lambda: _tiny("tiny-llama", mlp_bias=True),
+    "mistral": lambda: _tiny("tiny-llama", "MistralConfig"),
+    "qwen2": lambda: _tiny("tiny-llama", "Qwen2Config"),
+    "gpt2": lambda: _tiny("tiny-gpt2"),
+    "bert": lambda: _tiny("tiny-bert"),
 }
 
 # What patch must do per model: how many changes of each action (2 layers each).
