@@ -2,6 +2,7 @@
 #   docker build -t fusedact .
 #   docker run --rm --gpus all fusedact                          # the benchmark (python -m bench)
 #   docker run --rm --gpus all fusedact python -m pytest -q      # the tests, compiled kernels on the GPU
+#   docker run --rm --gpus all fusedact python -m bench.e2e      # a training step, patched vs unpatched
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 # Triton builds a small C launcher the first time each kernel runs; the runtime image has no C compiler.
@@ -12,9 +13,10 @@ RUN apt-get update \
 WORKDIR /workspace/fusedact
 COPY . .
 
-# torch and triton come with the image: --no-deps keeps pip from replacing them. pytest and numpy are the
-# test extra (numpy is already in the image).
+# torch and triton come with the image: --no-deps keeps pip from replacing them. The rest is the test extra
+# (pyproject.toml: pytest, numpy, matplotlib, scikit-learn, tqdm, transformers), none of which needs a
+# different torch; it also gives the `fusedact` lab command its plots and datasets.
 RUN python -m pip install --no-cache-dir --no-deps -e . \
-    && python -m pip install --no-cache-dir "pytest>=7" numpy
+    && python -m pip install --no-cache-dir "pytest>=7" numpy matplotlib scikit-learn tqdm transformers
 
 CMD ["python", "-m", "bench"]
