@@ -350,3 +350,28 @@ def test_patched_model_compiles_fullgraph():
     fusedact.patch(model)
     compiled = torch.compile(model, fullgraph=True)
     assert_same_function(model, original, torch.randn(4, 8), call=compiled)
+
+
+def test_autocast_mixed_precision_matches_unpatched(device):
+    """AMP: under autocast the bias-free GEMM returns bf16 while the bias Parameters stay fp32; the folded
+    bias is cast as the layer would have cast it, gradients reach the fp32 Parameters, and the patched
+    model returns the unpatched model's dtype (float32 from a CUDA softmax) and values (bf16: one rounding
+    less than eager, so within 2 bf16 ULPs of probabilities <= 1: atol 1e-2; gradients pass through bf16
+    GEMMs on both sides, a few bf16 ULPs (2^-8 relative each) apart: rtol 5%, atol 2e-3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), GatedMLP(16, 32, nn.SiLU(), bias=True), nn.Softmax(dim=-1))
+    model = model.to(device)
+    original = copy.deepcopy(model)
+    fusedact.patch(model)
+    x = torch.randn(4, 8, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, y_reference = model(x), original(x)
+    assert y.dtype == y_reference.dtype
+    torch.testing.assert_close(y.float(), y_reference.float(), rtol=0, atol=1e-2)
+    y.float().pow(2).sum().backward()
+    y_reference.float().pow(2).sum().backward()
+    for (name, parameter), reference in zip(model.named_parameters(), original.parameters(), strict=True):
+        assert parameter.grad.dtype == torch.float32, name
+        torch.testing.assert_close(
+            parameter.grad, reference.grad, rtol=0.05, atol=2e-3, msg=lambda m, n=name: f"{n}: {m}"
+        )

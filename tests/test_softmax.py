@@ -350,3 +350,20 @@ def test_bias_grad_is_deterministic(shape, dim, log, device):
         y.backward(grad_y)
         results.append((x.grad.clone(), bias.grad.clone()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_autocast_gives_pytorchs_dtype(log, device):
+    """Under autocast, the dtype eager PyTorch returns: float32 on CUDA (softmax is on its fp32 list), the
+    input's bf16 on the CPU; and the values of the fp32 softmax rounded to that dtype."""
+    x = torch.randn(4, 33, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(33, device=device, dtype=torch.bfloat16)
+    function, eager = (fusedact.log_softmax, torch.log_softmax) if log else (fusedact.softmax, torch.softmax)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, expected = function(x, bias, dim=-1), eager(x + bias, dim=-1)
+    assert y.dtype == expected.dtype
+    reference = eager(x.double() + bias.double(), dim=-1)
+    if y.dtype == torch.float32:  # from bf16 inputs, in fp32: a few fp32 ULPs of the exact value
+        torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-6)
+    else:
+        assert_close(y, reference, what="bf16 under autocast")  # one rounding: within 1 bf16 ULP

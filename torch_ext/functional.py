@@ -181,6 +181,11 @@ def heaviside(x: Tensor, bias: Optional[Tensor] = None, value: float = 0.0, stra
 
 def _softmax(x: Tensor, bias: Optional[Tensor], dim: int, log: bool) -> Tensor:
     _check_input(x, "x")
+    if x.device.type == "cuda" and x.dtype != torch.float64 and torch.is_autocast_enabled("cuda"):
+        # CUDA autocast runs softmax and log_softmax in float32 (its fp32 op list), so under AMP they return
+        # float32; the same here, so a model does not change its dtypes when fusedact.patch swaps a Softmax.
+        x = x.float()
+        bias = bias.float() if bias is not None and bias.is_floating_point() else bias
     dim = _channel_dim(x, dim)
     _check_bias(bias, x, x.shape[dim] if x.dim() else 1, "bias", "x", f"shape[{dim}]")
     return softmax_ops.run_softmax(x, bias, dim, log)

@@ -193,6 +193,13 @@ def _unsupported_setting(kind: str, settings: dict) -> Optional[str]:
 # --- Layers that leave their bias to the activation after them ----------------------------------------
 
 
+def _bias_like(layer: nn.Module, input: Tensor) -> Optional[Tensor]:
+    """``layer``'s bias in ``input``'s dtype: under autocast the bias-free GEMM returns bf16/fp16 while the
+    bias Parameter stays fp32, and the layer itself would have cast it (the cast is differentiable)."""
+    bias = layer.bias
+    return bias if bias is None or bias.dtype == input.dtype else bias.to(input.dtype)
+
+
 class FoldedBias(nn.Module):
     """An activation that adds the bias of the layer feeding it, in the fused kernel.
 
@@ -213,7 +220,7 @@ class FoldedBias(nn.Module):
         return self._bias_of[0]
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.bias_act(input, self._bias_of[0].bias, self.activation, dim=self.dim, **self.params)
+        return F.bias_act(input, _bias_like(self._bias_of[0], input), self.activation, dim=self.dim, **self.params)
 
     def extra_repr(self) -> str:
         settings = "".join(f", {key}={value!r}" for key, value in self.params.items())
@@ -280,9 +287,10 @@ def _bias_skipping_class(layer: nn.Module) -> Optional[tuple[type, int]]:
 def _gated_mlp_forward(self, x: Tensor) -> Tensor:
     activation, params = self._fusedact_gated
     gate, up = self.gate_proj, self.up_proj
-    gate_bias = gate.bias if isinstance(gate, LinearBiasInActivation) else None
-    up_bias = up.bias if isinstance(up, LinearBiasInActivation) else None
-    return self.down_proj(F.gated(gate(x), up(x), gate_bias, up_bias, activation, **params))
+    gate_out, up_out = gate(x), up(x)
+    gate_bias = _bias_like(gate, gate_out) if isinstance(gate, LinearBiasInActivation) else None
+    up_bias = _bias_like(up, up_out) if isinstance(up, LinearBiasInActivation) else None
+    return self.down_proj(F.gated(gate_out, up_out, gate_bias, up_bias, activation, **params))
 
 
 @functools.cache
