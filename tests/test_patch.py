@@ -375,3 +375,27 @@ def test_autocast_mixed_precision_matches_unpatched(device):
         torch.testing.assert_close(
             parameter.grad, reference.grad, rtol=0.05, atol=2e-3, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+class Adapter(nn.Module):
+    """What LoRA does to a Linear after patching: wraps it and adds a low-rank term."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.lora = nn.Linear(base.in_features, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora(x)
+
+
+def test_folded_biases_survive_a_wrapper_added_after_patching():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), GatedMLP(8, 16, nn.SiLU(), bias=True))
+    original = copy.deepcopy(model)
+    fusedact.patch(model)
+    for m in (model, original):  # the same adapters (same weights) on both
+        torch.manual_seed(1)
+        m[0] = Adapter(m[0])
+        m[2].gate_proj, m[2].up_proj = Adapter(m[2].gate_proj), Adapter(m[2].up_proj)
+    assert_same_function(model, original, torch.randn(3, 8))

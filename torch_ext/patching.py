@@ -285,12 +285,13 @@ def _bias_skipping_class(layer: nn.Module) -> Optional[tuple[type, int]]:
 
 
 def _gated_mlp_forward(self, x: Tensor) -> Tensor:
-    activation, params = self._fusedact_gated
-    gate, up = self.gate_proj, self.up_proj
-    gate_out, up_out = gate(x), up(x)
-    gate_bias = _bias_like(gate, gate_out) if isinstance(gate, LinearBiasInActivation) else None
-    up_bias = _bias_like(up, up_out) if isinstance(up, LinearBiasInActivation) else None
-    return self.down_proj(F.gated(gate_out, up_out, gate_bias, up_bias, activation, **params))
+    # The layers whose biases were folded are held here, not looked up as self.gate_proj / self.up_proj:
+    # a wrapper put there later (a LoRA adapter around the layer) must not lose the bias.
+    activation, params, gate_bias_of, up_bias_of = self._fusedact_gated
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    gate_bias = None if gate_bias_of is None else _bias_like(gate_bias_of, gate)
+    up_bias = None if up_bias_of is None else _bias_like(up_bias_of, up)
+    return self.down_proj(F.gated(gate, up, gate_bias, up_bias, activation, **params))
 
 
 @functools.cache
@@ -565,11 +566,15 @@ def patch(
             activation, params = _GATED[kind[0]], kind[1]
             _record(model, "class", module, type(module))
             module.__class__ = _gated_mlp_class(type(module))
-            module._fusedact_gated = (activation, params)
+            folded = []
             for projection in (gate, up):
                 if fold_bias and projection.bias is not None and len(paths[id(projection)]) == 1:
                     _record(model, "class", projection, type(projection))
                     projection.__class__ = LinearBiasInActivation
+                    folded.append(projection)
+                else:
+                    folded.append(None)
+            module._fusedact_gated = (activation, params, *folded)
             path = paths[id(module)][0] or "(root)"
             changes.append(
                 Change(
