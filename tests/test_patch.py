@@ -225,14 +225,25 @@ def test_the_rest_of_the_family_is_replaced():
     form fusedact.bias_act does not take), and the same function."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(4, 6), nn.Softmax(dim=-1), nn.Linear(6, 8), nn.LogSoftmax(dim=0), nn.GLU(), nn.PReLU(), nn.Tanh()
+        nn.Linear(4, 6), nn.Softmax(dim=1), nn.Linear(6, 8), nn.LogSoftmax(dim=0), nn.GLU(), nn.PReLU(), nn.Tanh()
     )
     original = copy.deepcopy(model)
     report = fusedact.patch(model)
     assert [(c.path, c.action) for c in report.changes] == [(str(i), "replace") for i in range(1, 7) if i != 2]
-    assert (type(model[1]), model[1].dim) == (fusedact.nn.Softmax, -1)
+    assert (type(model[1]), model[1].dim) == (fusedact.nn.Softmax, 1)  # dim=1, not -1: the bias is not folded
     assert (type(model[3]), model[3].dim) == (fusedact.nn.LogSoftmax, 0)
     assert_same_function(model, original, torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("softmax", [nn.Softmax(dim=-1), nn.LogSoftmax(dim=-1)], ids=repr)
+def test_classifier_bias_folds_into_softmax(softmax, device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), softmax).to(device)
+    original = copy.deepcopy(model)
+    report = fusedact.patch(model)
+    assert [(c.path, c.action) for c in report.changes] == [("1", "fold_bias")]
+    assert model[1].activation == ("softmax" if isinstance(softmax, nn.Softmax) else "log_softmax")
+    assert_same_function(model, original, torch.randn(3, 5, 6, device=device))
 
 
 def test_options_select_what_is_patched():

@@ -11,9 +11,10 @@ Three things happen, each only where fusedact can prove it computes the same fun
    one write instead of two of each). "Directly" is read from the code: adjacent children of a plain
    ``nn.Sequential``, or a parent whose ``forward`` is ``h = self.fc(h); h = self.act(h)`` or
    ``self.act(self.fc(h))`` with each attribute used once there (GPT-2's and BERT's MLPs, timm's ``Mlp``,
-   CLIP's, ...). The bias ``Parameter`` stays where it was, so ``state_dict`` keys and values, checkpoints
-   and optimizers see no difference; the layer keeps its class too (a subclass that only changes
-   ``forward``), so ``isinstance(layer, nn.Linear)`` still holds.
+   CLIP's, ...). A classifier's ``Linear -> Softmax(dim=-1)`` (or ``LogSoftmax``) folds the same way.
+   The bias ``Parameter`` stays where it was, so ``state_dict`` keys and values, checkpoints and optimizers
+   see no difference; the layer's class becomes a subclass of its own that only changes ``forward``, so
+   ``isinstance(layer, nn.Linear)`` still holds.
 3. **Gated MLPs** whose ``forward`` is ``self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))``
    (Llama, Mistral, Qwen2/3, Gemma and the many models that copy that MLP) run the gated kernel:
    SwiGLU for SiLU, GeGLU for GELU, ReGLU for ReLU, with ``gate_proj``/``up_proj`` biases folded.
@@ -104,6 +105,8 @@ _FUSED_KINDS: dict[type, Callable[[nn.Module], tuple[str, dict]]] = {
 
 # Single-input kinds the fused bias_act kernel computes (so a preceding layer's bias can be folded in).
 _FOLDABLE = frozenset(kind for kind in F.ACTIVATIONS if kind not in ("swiglu", "geglu", "reglu", "glu"))
+# Row-wise kinds that take a bias along their own dim (folded only where that is the layer's bias dim).
+_ROW_WISE = {"softmax": F.softmax, "log_softmax": F.log_softmax}
 # Kinds whose fusedact module takes torch.nn's (accepted, ignored) ``inplace`` argument.
 _TAKES_INPLACE = frozenset({"relu", "leaky_relu", "silu", "elu", "selu", "celu", "mish"})
 # Gated-MLP activation kinds -> the gated kernel's activation.
@@ -220,7 +223,10 @@ class FoldedBias(nn.Module):
         return self._bias_of[0]
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.bias_act(input, _bias_like(self._bias_of[0], input), self.activation, dim=self.dim, **self.params)
+        bias = _bias_like(self._bias_of[0], input)
+        if self.activation in _ROW_WISE:  # a classifier's Linear -> Softmax(dim=-1): the bias along the row
+            return _ROW_WISE[self.activation](input, bias, dim=self.dim)
+        return F.bias_act(input, bias, self.activation, dim=self.dim, **self.params)
 
     def extra_repr(self) -> str:
         settings = "".join(f", {key}={value!r}" for key, value in self.params.items())
@@ -538,12 +544,14 @@ def patch(
     def fold(parent: nn.Module, layer_name: str, act_name: str) -> None:
         layer, act = getattr(parent, layer_name), getattr(parent, act_name)
         kind = activation_kind(act)
-        if kind is None or kind[0] not in _FOLDABLE or not selected(kind[0]) or _has_hooks(act):
+        if kind is None or kind[0] not in {*_FOLDABLE, *_ROW_WISE} or not selected(kind[0]) or _has_hooks(act):
             return
         target = foldable_layer(layer)
         if target is None:
             return
         new_class, dim = target
+        if kind[0] in _ROW_WISE and kind[1]["dim"] != dim:
+            return  # a softmax across another dim than the bias's
         folded = FoldedBias(kind[0], kind[1], layer, dim)
         folded.train(act.training)
         before = _short(act)
