@@ -181,6 +181,16 @@ def test_no_fold_where_the_code_does_not_prove_it(module):
     assert_same_function(module, original, torch.randn(4, 6))
 
 
+def test_a_forward_set_on_the_instance_blocks_folding():
+    model = nn.Sequential(nn.Linear(5, 5), nn.ReLU())
+    model.forward = lambda x: model[1](model[0](x)) + model[0](x)  # the Linear's output used twice
+    original = copy.deepcopy(model)
+    original.forward = lambda x: original[1](original[0](x)) + original[0](x)
+    report = fusedact.patch(model)
+    assert [c.action for c in report.changes] == ["replace"]
+    assert_same_function(model, original, torch.randn(3, 5))
+
+
 def test_shared_layer_or_hooks_block_folding():
     shared = nn.Linear(5, 5)
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Tanh())  # the same Linear at two paths

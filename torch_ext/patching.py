@@ -595,6 +595,8 @@ def patch(
 
     if fold_bias:
         for parent in list(model.modules()):
+            if "forward" in parent.__dict__:
+                continue  # a forward set on the instance: the class's code, read below, may not be what runs
             if type(parent).forward is nn.Sequential.forward:
                 names = list(parent._modules)
                 for layer_name, act_name in itertools.pairwise(names):
