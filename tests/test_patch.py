@@ -276,6 +276,7 @@ def test_patch_twice_is_harmless_and_unpatch_restores():
     assert len(first.changes) == 3
     second = fusedact.patch(model)
     assert second.changes == [] and second.left == []
+    assert "nothing to patch: no unfused activation module" in str(second)
     assert_same_function(model, original, torch.randn(2, 4))
     assert fusedact.unpatch(model) == 5  # 2 folds (the layer's class and the activation) + 1 replacement
     assert [type(m) for m in model] == classes

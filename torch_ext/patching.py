@@ -474,6 +474,11 @@ class PatchReport:
             lines.append(f"  {change.path.ljust(width)}  {change.action:<9}  {change.before}  ->  {change.after}")
         for item in self.left:
             lines.append(f"  {item.path.ljust(width)}  left       {item.module}: {item.reason}")
+        if not self.changes and not self.left:
+            lines.append(
+                "  nothing to patch: no unfused activation module (activations a forward calls as functions, "
+                "F.gelu(x), cannot be swapped from outside; `fusedact inspect MODEL` lists what a model has)"
+            )
         return "\n".join(lines)
 
 
