@@ -52,13 +52,19 @@ def _backward_grid(
     are split into groups so the grid fills the GPU and each group's partial sum is one row of a small
     [row_groups, N] buffer; without one, each program takes one tile."""
     block_m, block_n = block_shape(num_cols)
-    row_blocks = triton.cdiv(num_rows, block_m)
     if not compute_grad_bias:
-        return block_m, block_n, row_blocks, block_m
+        return block_m, block_n, triton.cdiv(num_rows, block_m), block_m
+    return block_m, block_n, *row_groups(num_rows, num_cols, block_m, block_n, device)
+
+
+def row_groups(num_rows: int, num_cols: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(row_groups, rows_per_program) of a backward with a bias gradient: enough programs to fill the GPU,
+    each summing its group's rows into one row of the [row_groups, N] partial buffer (also softmax's)."""
+    row_blocks = triton.cdiv(num_rows, block_m)
     col_blocks = triton.cdiv(num_cols, block_n)
     groups = max(1, min(row_blocks, triton.cdiv(_target_programs(device), col_blocks)))
     blocks_per_group = triton.cdiv(row_blocks, groups)
-    return block_m, block_n, triton.cdiv(row_blocks, blocks_per_group), blocks_per_group * block_m
+    return triton.cdiv(row_blocks, blocks_per_group), blocks_per_group * block_m
 
 
 def _activation_id(activation: str) -> int:

@@ -80,16 +80,6 @@ def _softmax_triton(x: Tensor, bias: Optional[Tensor], dim: int, log: bool) -> T
     return y
 
 
-def _row_groups(num_rows: int, num_cols: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(row_groups, rows_per_program) of the backward with a bias gradient: enough programs to fill the
-    GPU, each summing its group's rows into one row of the [row_groups, N] partial buffer."""
-    row_blocks = triton.cdiv(num_rows, block_m)
-    col_blocks = triton.cdiv(num_cols, block_n)
-    groups = max(1, min(row_blocks, triton.cdiv(ops._triton._target_programs(device), col_blocks)))
-    blocks_per_group = triton.cdiv(row_blocks, groups)
-    return triton.cdiv(row_blocks, blocks_per_group), blocks_per_group * block_m
-
-
 def _softmax_backward_triton(
     grad_y: Tensor, y: Tensor, dim: int, log: bool, compute_grad_bias: bool
 ) -> tuple[Tensor, Tensor]:
@@ -105,7 +95,7 @@ def _softmax_backward_triton(
             LOG=log, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
     if compute_grad_bias:
-        row_groups, rows_per_program = _row_groups(num_rows, num_cols, block_m, block_n, y.device)
+        row_groups, rows_per_program = ops._triton.row_groups(num_rows, num_cols, block_m, block_n, y.device)
         partial = torch.empty((row_groups, num_cols), dtype=torch.float32, device=y.device)
     else:
         row_groups, rows_per_program, partial = triton.cdiv(num_rows, block_m), block_m, None
