@@ -51,7 +51,8 @@ def step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # as the test process: run fusedact's kernels on CPU
+    # The spawned process inherits the test process's environment (TRITON_INTERPRET=1 without a GPU), so
+    # CPU tensors take the same backend there.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         x, target = batch()
