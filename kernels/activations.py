@@ -94,9 +94,16 @@ _MISH_CLAMP = tl.constexpr(20.0)
 
 
 @triton.jit
+def _signed_zero(z):
+    """A zero with the sign of ``z``, from its sign bit. (Not ``tl.where(z < 0, -0.0, 0.0)``: a ``-0.0``
+    literal does not survive every Triton version's constant handling; Triton 3.8 folds it to ``+0.0``.)"""
+    return (z.to(tl.uint32, bitcast=True) & 0x80000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _scale(z, p):
     """``z * p`` where a probability-like ``p`` may underflow to 0: then the signed zero, never ``inf * 0``."""
-    return tl.where(p == 0.0, tl.where(z < 0.0, -0.0, 0.0), z * p)
+    return tl.where(p == 0.0, _signed_zero(z), z * p)
 
 
 @triton.jit
