@@ -1,0 +1,73 @@
+"""``fusedact.patch(model)``: make an existing model's activations fused, in place; nothing else changes.
+
+Three things happen, each only where fusedact can prove it computes the same function:
+
+1. **Activation modules** (``nn.ReLU``, ``nn.GELU(approximate=...)``, ``nn.LeakyReLU(negative_slope)``, ...,
+   the objects Hugging Face's ``ACT2FN`` builds such as ``GELUActivation`` or ``NewGELUActivation``, and
+   timm's) are replaced by the ``fusedact.nn`` module of the same kind and settings. Classes are matched
+   exactly: a subclass may override ``forward``, so it is left alone.
+2. **Bias folding**: where a ``nn.Linear``, ``nn.Conv1d/2d/3d`` or Hugging Face ``Conv1D`` with a bias feeds
+   an activation directly, the layer skips its bias and the activation adds it in its kernel (one read,
+   one write instead of two of each). "Directly" is read from the code: adjacent children of a plain
+   ``nn.Sequential``, or a parent whose ``forward`` is ``h = self.fc(h); h = self.act(h)`` or
+   ``self.act(self.fc(h))`` with each attribute used once there (GPT-2's and BERT's MLPs, timm's ``Mlp``,
+   CLIP's, ...). A classifier's ``Linear -> Softmax(dim=-1)`` (or ``LogSoftmax``) folds the same way.
+   The bias ``Parameter`` stays where it was, so ``state_dict`` keys and values, checkpoints and optimizers
+   see no difference; the layer's class becomes a subclass of its own that only changes ``forward``, so
+   ``isinstance(layer, nn.Linear)`` still holds.
+3. **Gated MLPs** whose ``forward`` is ``self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))``
+   (Llama, Mistral, Qwen2/3, Gemma and the many models that copy that MLP) run the gated kernel:
+   SwiGLU for SiLU, GeGLU for GELU, ReGLU for ReLU, with ``gate_proj``/``up_proj`` biases folded.
+
+Anything else is left as it is and the report says why (an activation-like class fusedact does not know,
+a layer shared between two places, a forward it cannot read). ``unpatch(model)`` restores the original
+modules and classes. Patching twice is harmless.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8, 2))
+    >>> report = fusedact.patch(model)
+    >>> [(change.path, change.action) for change in report.changes]
+    [('1', 'fold_bias')]
+    >>> model[1]
+    FoldedBias(gelu, approximate='tanh', bias of Linear, dim=-1)
+
+The package has one module per rule (``activation_swap``, ``bias_folding``, ``gated_mlp``), each with its
+proof, rewrite and undo; ``driver`` walks the model and asks each rule in turn.
+
+Save a patched model with ``state_dict()`` (it loads into the unpatched model and back); pickling the
+whole module object of a patched gated MLP is not supported (its class is made at patch time).
+"""
+
+from .driver import RULES, patch, unpatch
+from .kinds import activation_kind, fused_module, looks_like_activation
+from .layers import (
+    Conv1dBiasInActivation,
+    Conv2dBiasInActivation,
+    Conv3dBiasInActivation,
+    FoldedBias,
+    LinearBiasInActivation,
+)
+from .report import Change, Left, PatchReport
+
+# The public classes are named where users import them from (reprs, pickles of plain folded layers).
+for _public in (Change, Left, PatchReport, FoldedBias, LinearBiasInActivation, Conv1dBiasInActivation):
+    _public.__module__ = __name__
+for _public in (Conv2dBiasInActivation, Conv3dBiasInActivation):
+    _public.__module__ = __name__
+del _public
+
+__all__ = [
+    "RULES",
+    "Change",
+    "Conv1dBiasInActivation",
+    "Conv2dBiasInActivation",
+    "Conv3dBiasInActivation",
+    "FoldedBias",
+    "Left",
+    "LinearBiasInActivation",
+    "PatchReport",
+    "activation_kind",
+    "fused_module",
+    "looks_like_activation",
+    "patch",
+    "unpatch",
+]

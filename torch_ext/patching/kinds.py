@@ -1,0 +1,144 @@
+"""Which activation a module computes, and the fusedact module that computes the same.
+
+Shared by every rule: ``activation_kind(module)`` names a module's activation as fusedact's kinds do
+(``("gelu", {"approximate": "tanh"})``), ``fused_module(kind, **settings)`` builds fusedact's module for it,
+``looks_like_activation(module)`` tells the modules the report lists when no rule recognizes them.
+Classes are matched exactly: a subclass may override ``forward``, so it is not taken for its base.
+"""
+
+import re
+from collections.abc import Callable
+from typing import Optional
+
+from torch import nn
+
+from .. import functional as F
+from .. import nn as fnn
+from .layers import FoldedBias, class_key
+
+_ERF, _TANH = {"approximate": "none"}, {"approximate": "tanh"}
+
+# Exact class ("module.QualName") -> the module's (kind, settings). Kinds are fusedact's activation names.
+_KINDS: dict[str, Callable[[nn.Module], tuple[str, dict]]] = {
+    "torch.nn.modules.activation.ReLU": lambda m: ("relu", {}),
+    "torch.nn.modules.activation.LeakyReLU": lambda m: ("leaky_relu", {"negative_slope": m.negative_slope}),
+    "torch.nn.modules.activation.GELU": lambda m: ("gelu", {"approximate": m.approximate}),
+    "torch.nn.modules.activation.SiLU": lambda m: ("silu", {}),
+    "torch.nn.modules.activation.Sigmoid": lambda m: ("sigmoid", {}),
+    "torch.nn.modules.activation.Tanh": lambda m: ("tanh", {}),
+    "torch.nn.modules.activation.ELU": lambda m: ("elu", {"alpha": m.alpha}),
+    "torch.nn.modules.activation.SELU": lambda m: ("selu", {}),
+    "torch.nn.modules.activation.CELU": lambda m: ("celu", {"alpha": m.alpha}),
+    "torch.nn.modules.activation.Mish": lambda m: ("mish", {}),
+    "torch.nn.modules.activation.GLU": lambda m: ("glu", {"dim": m.dim}),
+    "torch.nn.modules.activation.PReLU": lambda m: ("prelu", {"num_parameters": m.num_parameters}),
+    "torch.nn.modules.activation.Softmax": lambda m: ("softmax", {"dim": m.dim}),
+    "torch.nn.modules.activation.LogSoftmax": lambda m: ("log_softmax", {"dim": m.dim}),
+    # Hugging Face transformers (transformers.activations.ACT2FN)
+    "transformers.activations.GELUActivation": lambda m: ("gelu", dict(_ERF)),  # erf, in C or in Python
+    "transformers.activations.NewGELUActivation": lambda m: ("gelu", dict(_TANH)),  # GPT-2's gelu_new
+    "transformers.activations.FastGELUActivation": lambda m: ("gelu", dict(_TANH)),
+    "transformers.activations.AccurateGELUActivation": lambda m: ("gelu", dict(_TANH)),
+    "transformers.activations.GELUTanh": lambda m: ("gelu", dict(_TANH)),
+    "transformers.activations.PytorchGELUTanh": lambda m: ("gelu", dict(_TANH)),
+    "transformers.activations.QuickGELUActivation": lambda m: ("quick_gelu", {}),
+    "transformers.activations.SiLUActivation": lambda m: ("silu", {}),
+    "transformers.activations.MishActivation": lambda m: ("mish", {}),
+    "transformers.activations.ReLUSquaredActivation": lambda m: ("relu_squared", {}),
+    # timm (timm.layers.create_act_layer)
+    "timm.layers.activations.GELU": lambda m: ("gelu", dict(_ERF)),
+    "timm.layers.activations.GELUTanh": lambda m: ("gelu", dict(_TANH)),
+    "timm.layers.activations.QuickGELU": lambda m: ("quick_gelu", {}),
+    "timm.layers.activations.Swish": lambda m: ("silu", {}),
+    "timm.layers.activations.Sigmoid": lambda m: ("sigmoid", {}),
+    "timm.layers.activations.Tanh": lambda m: ("tanh", {}),
+    "timm.layers.activations.Mish": lambda m: ("mish", {}),
+    "timm.layers.activations.PReLU": lambda m: ("prelu", {"num_parameters": m.num_parameters}),
+}
+
+# fusedact's own modules: kind and settings, so patching twice (and the lab's inspect) sees them.
+_FUSED_KINDS: dict[type, Callable[[nn.Module], tuple[str, dict]]] = {
+    fnn.Swish: lambda m: ("swish", {"beta": m.beta}),
+    fnn.ReLUSquared: lambda m: ("relu_squared", {}),
+    fnn.QuickGELU: lambda m: ("quick_gelu", {}),
+    fnn.Heaviside: lambda m: ("heaviside", {"value": m.value, "straight_through": m.straight_through}),
+    fnn.SwiGLU: lambda m: ("swiglu", {}),
+    fnn.GeGLU: lambda m: ("geglu", {"approximate": m.approximate}),
+    fnn.ReGLU: lambda m: ("reglu", {}),
+}
+
+# Single-input kinds the fused bias_act kernel computes (so a preceding layer's bias can be folded in).
+FOLDABLE = frozenset(kind for kind in F.ACTIVATIONS if kind not in ("swiglu", "geglu", "reglu", "glu"))
+# Gated-MLP activation kinds -> the gated kernel's activation.
+GATED = {"silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid"}
+# Every kind ``patch(activations=...)`` accepts.
+KNOWN = frozenset(F.ACTIVATIONS) | {"prelu", "softmax", "log_softmax"}
+
+
+def activation_kind(module: nn.Module) -> Optional[tuple[str, dict]]:
+    """``(kind, settings)`` of an activation module fusedact recognizes, else None.
+
+    ``activation_kind(nn.GELU(approximate="tanh")) == ("gelu", {"approximate": "tanh"})``; fusedact's own
+    modules are recognized too (``fusedact.nn.Swish(2.0)`` -> ``("swish", {"beta": 2.0})``).
+    """
+    cls = type(module)
+    if isinstance(module, FoldedBias):
+        return module.activation, dict(module.params)
+    if cls in _FUSED_KINDS:
+        return _FUSED_KINDS[cls](module)
+    if cls.__module__ == fnn.__name__ and cls.__bases__[0] is not nn.Module:
+        cls = cls.__bases__[0]  # fusedact.nn twins of torch.nn classes carry their twin's settings
+    kind = _KINDS.get(class_key(cls))
+    return kind(module) if kind is not None else None
+
+
+_LOOKS_LIKE_ACTIVATION = re.compile(
+    r"relu|gelu|silu|swish|sigmoid|tanh|elu$|mish|glu|softplus|softsign|hardswish|hardsigmoid|hardtanh|"
+    r"activation|^act$|^act\d|softmax|threshold",
+    re.IGNORECASE,
+)
+
+
+def looks_like_activation(module: nn.Module) -> bool:
+    """A parameter-free leaf module whose class name says activation (recognized by fusedact or not)."""
+    return (
+        bool(_LOOKS_LIKE_ACTIVATION.search(type(module).__name__))
+        and next(module.children(), None) is None
+        and next(module.parameters(), None) is None
+    )
+
+
+def fused_module(kind: str, **settings) -> nn.Module:
+    """A new fusedact module computing ``kind`` with ``settings`` (as ``activation_kind`` reports them).
+
+    ``fused_module("leaky_relu", negative_slope=0.2)`` -> ``fusedact.nn.LeakyReLU(0.2)``.
+    """
+    builders = {
+        "relu": lambda inplace=False: fnn.ReLU(inplace),
+        "leaky_relu": lambda negative_slope=0.01, inplace=False: fnn.LeakyReLU(negative_slope, inplace),
+        "gelu": lambda approximate="none": fnn.GELU(approximate),
+        "silu": lambda inplace=False: fnn.SiLU(inplace),
+        "swish": lambda beta=1.0: fnn.Swish(beta),
+        "sigmoid": lambda: fnn.Sigmoid(),
+        "tanh": lambda: fnn.Tanh(),
+        "elu": lambda alpha=1.0, inplace=False: fnn.ELU(alpha, inplace),
+        "selu": lambda inplace=False: fnn.SELU(inplace),
+        "celu": lambda alpha=1.0, inplace=False: fnn.CELU(alpha, inplace),
+        "mish": lambda inplace=False: fnn.Mish(inplace),
+        "relu_squared": lambda: fnn.ReLUSquared(),
+        "quick_gelu": lambda: fnn.QuickGELU(),
+        "heaviside": lambda value=0.0, straight_through=False: fnn.Heaviside(value, straight_through),
+        "glu": lambda dim=-1: fnn.GLU(dim),
+        "prelu": lambda num_parameters=1, init=0.25: fnn.PReLU(num_parameters, init),
+        "swiglu": lambda: fnn.SwiGLU(),
+        "geglu": lambda approximate="none": fnn.GeGLU(approximate),
+        "reglu": lambda: fnn.ReGLU(),
+        "softmax": lambda dim=None: fnn.Softmax(dim),
+        "log_softmax": lambda dim=None: fnn.LogSoftmax(dim),
+    }
+    if kind not in builders:
+        raise ValueError(f"no fusedact module for activation {kind!r}; expected one of {sorted(builders)}")
+    try:
+        return builders[kind](**settings)
+    except TypeError as error:
+        raise TypeError(f"{kind}: {error}") from None

@@ -1,0 +1,116 @@
+"""Layers that leave their bias to the fused kernel after them, and the activation that adds it.
+
+Shared by the rules that fold a bias (``bias_folding`` into a single-input activation, ``gated_mlp`` into
+the gated kernel). A folded layer's class becomes a subclass of its own that only changes ``forward`` (so
+``isinstance(layer, nn.Linear)`` still holds); its bias ``Parameter`` stays where it was, under the same
+``state_dict`` key, and the kernel reads it from the layer on every call.
+"""
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+
+
+def class_key(cls: type) -> str:
+    """``"module.QualName"`` of a class: how classes are named here without importing their packages."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# Row-wise kinds that take a bias along their own dim (folded only where that is the layer's bias dim).
+ROW_WISE = {"softmax": F.softmax, "log_softmax": F.log_softmax}
+
+
+def bias_like(layer: nn.Module, input: Tensor) -> Optional[Tensor]:
+    """``layer``'s bias in ``input``'s dtype: under autocast the bias-free GEMM returns bf16/fp16 while the
+    bias Parameter stays fp32, and the layer itself would have cast it (the cast is differentiable)."""
+    bias = layer.bias
+    return bias if bias is None or bias.dtype == input.dtype else bias.to(input.dtype)
+
+
+class FoldedBias(nn.Module):
+    """An activation that adds the bias of the layer feeding it, in the fused kernel.
+
+    Made by ``fusedact.patch``: the layer (``bias_of``) skips its own bias, and this module reads that
+    ``Parameter`` from it on every call. It holds the layer in a tuple, not as a submodule, so the
+    ``state_dict`` keeps the bias under the layer's key only.
+    """
+
+    def __init__(self, activation: str, params: dict, bias_of: nn.Module, dim: int = -1) -> None:
+        super().__init__()
+        self.activation = activation
+        self.params = dict(params)
+        self.dim = dim
+        self._bias_of = (bias_of,)
+
+    @property
+    def bias_of(self) -> nn.Module:
+        return self._bias_of[0]
+
+    def forward(self, input: Tensor) -> Tensor:
+        bias = bias_like(self._bias_of[0], input)
+        if self.activation in ROW_WISE:  # a classifier's Linear -> Softmax(dim=-1): the bias along the row
+            return ROW_WISE[self.activation](input, bias, dim=self.dim)
+        return F.bias_act(input, bias, self.activation, dim=self.dim, **self.params)
+
+    def extra_repr(self) -> str:
+        settings = "".join(f", {key}={value!r}" for key, value in self.params.items())
+        return f"{self.activation}{settings}, bias of {type(self.bias_of).__bases__[0].__name__}, dim={self.dim}"
+
+
+class LinearBiasInActivation(nn.Linear):
+    """``nn.Linear`` whose bias the next activation adds (``fusedact.patch``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.nn.functional.linear(input, self.weight)
+
+
+class Conv1dBiasInActivation(nn.Conv1d):
+    """``nn.Conv1d`` whose bias the next activation adds (``fusedact.patch``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight, None)
+
+
+class Conv2dBiasInActivation(nn.Conv2d):
+    """``nn.Conv2d`` whose bias the next activation adds (``fusedact.patch``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight, None)
+
+
+class Conv3dBiasInActivation(nn.Conv3d):
+    """``nn.Conv3d`` whose bias the next activation adds (``fusedact.patch``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight, None)
+
+
+def _hf_conv1d_without_bias(self, x: Tensor) -> Tensor:
+    # transformers' Conv1D (GPT-2): addmm(bias, x, weight) with weight [in, out]; here without the bias.
+    return (x.reshape(-1, x.size(-1)) @ self.weight).view(*x.shape[:-1], self.nf)
+
+
+@functools.cache
+def _hf_conv1d_class(cls: type) -> type:
+    return type(f"{cls.__name__}BiasInActivation", (cls,), {"forward": _hf_conv1d_without_bias})
+
+
+def bias_skipping_class(layer: nn.Module) -> Optional[tuple[type, int]]:
+    """The class ``layer`` becomes when its bias is folded, and the dim the bias runs along; None for a
+    layer that cannot leave its bias (a class not known to add it last, as these do)."""
+    cls = type(layer)
+    static = {
+        nn.Linear: (LinearBiasInActivation, -1),
+        nn.Conv1d: (Conv1dBiasInActivation, -2),  # channels counted from the end: unbatched input works
+        nn.Conv2d: (Conv2dBiasInActivation, -3),
+        nn.Conv3d: (Conv3dBiasInActivation, -4),
+    }
+    if cls in static:
+        return static[cls]
+    if class_key(cls) == "transformers.pytorch_utils.Conv1D":
+        return _hf_conv1d_class(cls), -1
+    return None

@@ -1,0 +1,71 @@
+"""What ``patch`` did: one ``Change`` per module it changed, one ``Left`` per activation-like module it left."""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Change:
+    """One module ``patch`` replaced or changed: ``action`` is ``"replace"``, ``"fold_bias"`` or ``"gated_mlp"``."""
+
+    path: str
+    action: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class Left:
+    """One module ``patch`` left as it was, and why."""
+
+    path: str
+    module: str
+    reason: str
+
+
+class PatchReport:
+    """What ``patch`` did: ``changes`` (every replacement: path, before, after) and ``left`` (activation-like
+    modules left alone, with the reason). ``str(report)`` is a table."""
+
+    def __init__(self, changes: list, left: list) -> None:
+        self.changes, self.left = changes, left
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+    def __iter__(self):
+        return iter(self.changes)
+
+    def __repr__(self) -> str:
+        return f"PatchReport({len(self.changes)} changes, {len(self.left)} left as they are)"
+
+    def __str__(self) -> str:
+        counts = {
+            action: sum(c.action == action for c in self.changes) for action in ("replace", "fold_bias", "gated_mlp")
+        }
+        lines = [
+            f"fusedact.patch: {counts['replace'] + counts['fold_bias']} activations fused ({counts['fold_bias']} "
+            f"with the bias of the layer before folded in), {counts['gated_mlp']} gated MLPs fused; "
+            f"{len(self.left)} activation-like modules left as they are"
+        ]
+        width = max((len(item.path) for item in [*self.changes, *self.left]), default=0)
+        for change in self.changes:
+            lines.append(f"  {change.path.ljust(width)}  {change.action:<9}  {change.before}  ->  {change.after}")
+        for item in self.left:
+            lines.append(f"  {item.path.ljust(width)}  left       {item.module}: {item.reason}")
+        if not self.changes and not self.left:
+            lines.append(
+                "  nothing to patch: no unfused activation module (activations a forward calls as functions, "
+                "F.gelu(x), cannot be swapped from outside; `fusedact inspect MODEL` lists what a model has)"
+            )
+        return "\n".join(lines)
+
+
+_PACKAGE_PREFIX = {"torch": "nn.", "fusedact": "fusedact.", "transformers": "transformers.", "timm": "timm."}
+
+
+def short(module: nn.Module) -> str:
+    """``nn.ReLU()``, ``fusedact.ReLU()``, ``transformers.GELUActivation()``: the repr and where it is from."""
+    prefix = _PACKAGE_PREFIX.get(type(module).__module__.split(".")[0], "")
+    return prefix + repr(module).replace("\n", " ")
