@@ -33,6 +33,8 @@ host sums. Program ids and row indices are int64 before any address arithmetic.
 import triton
 import triton.language as tl
 
+from .rounding import round_to, to_fp32
+
 # A row of up to this many elements stays in registers (16 fp32 values per thread with 16 warps; the
 # backward holds two such tiles). Longer rows take the online loop, in blocks of this size.
 MAX_BLOCK_N = 8192
@@ -73,10 +75,9 @@ def _contiguous_row_offsets(rows, inner_size, num_cols):
 @triton.jit
 def _load_logits(x_ptr, bias_ptr, x_rows, cols, stride_x_col, mask, col_mask, HAS_BIAS: tl.constexpr):
     """z = x + bias in fp32 for one tile; -inf outside the tile, which neither wins the max nor adds to the sum."""
-    z = tl.load(x_ptr + x_rows[:, None] + cols[None, :] * stride_x_col, mask=mask, other=float("-inf"))
-    z = z.to(tl.float32)
+    z = to_fp32(tl.load(x_ptr + x_rows[:, None] + cols[None, :] * stride_x_col, mask=mask, other=float("-inf")))
     if HAS_BIAS:
-        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        z += to_fp32(tl.load(bias_ptr + cols, mask=col_mask, other=0.0))[None, :]
     return z
 
 
@@ -122,7 +123,7 @@ def softmax_fwd_kernel(
         row_max = tl.max(z, axis=1)
         row_sum = tl.sum(tl.where(mask, tl.exp(z - row_max[:, None]), 0.0), axis=1)
         y = _normalise(z, row_max, row_sum, LOG)
-        tl.store(y_ptr + y_rows[:, None] + cols[None, :] * inner_size, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + y_rows[:, None] + cols[None, :] * inner_size, round_to(y, y_ptr.dtype.element_ty), mask=mask)
     else:
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -144,7 +145,9 @@ def softmax_fwd_kernel(
             mask = row_mask[:, None] & col_mask[None, :]
             z = _load_logits(x_ptr, bias_ptr, x_rows, cols, stride_x_col, mask, col_mask, HAS_BIAS)
             y = _normalise(z, row_max, row_sum, LOG)
-            tl.store(y_ptr + y_rows[:, None] + cols[None, :] * inner_size, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                y_ptr + y_rows[:, None] + cols[None, :] * inner_size, round_to(y, y_ptr.dtype.element_ty), mask=mask
+            )
 
 
 @triton.jit
@@ -158,7 +161,7 @@ def _load_grad_and_output(
         y = tl.load(y_pointers, mask=mask, other=float("-inf"))
     else:
         y = tl.load(y_pointers, mask=mask, other=0.0)
-    return grad_y.to(tl.float32), y.to(tl.float32)
+    return to_fp32(grad_y), to_fp32(y)
 
 
 @triton.jit
@@ -238,7 +241,8 @@ def softmax_bwd_kernel(
     cols = (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < num_cols
     first_row = row_group * rows_per_program
-    grad_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # The bias gradient tile summed over the row steps; reduced over the rows once, after the loop.
+    grad_bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for row_offset in range(0, rows_per_program, BLOCK_M):
         rows = first_row + row_offset + tl.arange(0, BLOCK_M)
         row_mask = rows < num_rows
@@ -259,10 +263,10 @@ def softmax_bwd_kernel(
         grad_x_rows = _contiguous_row_offsets(rows, inner_size, num_cols)
         tl.store(
             grad_x_ptr + grad_x_rows[:, None] + cols[None, :] * inner_size,
-            grad_x.to(grad_x_ptr.dtype.element_ty),
+            round_to(grad_x, grad_x_ptr.dtype.element_ty),
             mask=mask,
         )
         if COMPUTE_GRAD_BIAS:
-            grad_bias += tl.sum(tl.where(mask, grad_x, 0.0), axis=0)
+            grad_bias += tl.where(mask, grad_x, 0.0)
     if COMPUTE_GRAD_BIAS:
-        tl.store(partial_grad_bias_ptr + row_group * num_cols + cols, grad_bias, mask=col_mask)
+        tl.store(partial_grad_bias_ptr + row_group * num_cols + cols, tl.sum(grad_bias, axis=0), mask=col_mask)

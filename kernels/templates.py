@@ -1,64 +1,145 @@
 """Kernel templates: one for single-input activations, one for the gated (GLU) family.
 
-Every tensor is addressed as a 2-D ``[M, N]`` matrix (``N`` = the last dimension, ``M`` = all leading
-dimensions) through a row and a column stride, so slices, transposes and the two halves of a packed
-``[..., 2N]`` tensor are read in place. Outputs and gradients are written contiguous. The activation is a
-``tl.constexpr``: each one compiles to its own specialised code.
+Every tensor is seen as a 2-D ``[M, N]`` matrix (``N`` = the last dimension, ``M`` = all leading
+dimensions). The activation is a ``tl.constexpr``: each one compiles to its own specialised code. Two ways
+of addressing it, chosen by the host per call (``FLAT``):
+
+- **Flat**: every activation tensor of the call is contiguous, so the matrix is one run of ``M * N``
+  elements and a program takes ``BLOCK_M * BLOCK_N`` consecutive ones, whatever ``N`` is. Loads and stores
+  are 16 bytes wide at any width (760, 1128, 11007 columns alike); only the last program is masked (a
+  full block takes a branch without a mask, so its accesses stay vectorised). The bias (or slope) of each
+  element is gathered by its channel, which ``_flat_channels`` derives without a per-element division.
+- **Rows**: a tile of ``BLOCK_M`` rows by ``BLOCK_N`` columns, addressed through each tensor's row and
+  column strides, so slices, transposes, broadcast gradients and the two halves of a packed ``[..., 2N]``
+  tensor are read in place. ``VECTOR`` is the widest run of elements (up to 16 bytes) that the column count
+  and every row stride of the call are multiples of (the host computes it): rewriting each as
+  ``n // VECTOR * VECTOR`` tells the compiler so, and the accesses are ``VECTOR`` elements wide. (Triton
+  itself only marks integers divisible by 16: at 760 columns it would fall back to 2-byte accesses.)
 
 The single-input template also takes its bias (and a per-channel activation parameter, PReLU's slope)
 along the rows instead of the columns: a contiguous NCHW tensor is the matrix ``[N * C, H * W]`` whose
 row ``r`` belongs to channel ``r % C``, so a bias on conv channels is read in place too.
 
-Forward reads each input once and writes ``y`` once. Backward reads ``grad_y`` and the saved tensor(s),
-writes the input gradient(s) and, in the same pass, sums the bias gradient over the rows it owns in
-fp32; a program owns a fixed group of rows, so the partial sums (``[row_groups, N]``) are reduced in a
-fixed order by the host: two backward passes are bitwise identical, with no atomics.
+Forward reads each input once and writes ``y`` once. Backward reads ``grad_y`` and the saved tensor(s)
+and writes the input gradient(s); optionally (``output_ptr``) it also writes the forward output again,
+recomputed from what it already read, for a caller that did not keep it (the lean MLP blocks). With a bias
+gradient, backward addresses rows: a program owns a fixed group of rows of one column block, adds its
+gradient tile into an fp32 accumulator tile at every step and reduces that over the rows once, at the
+end, into one row of a ``[row_groups, N]`` partial-sum buffer that the host reduces in a fixed order: two
+backward passes are bitwise identical, with no atomics, and there is one cross-warp reduction per program,
+not one per step.
 
-Program ids and row indices are int64 before any address arithmetic: tensors may exceed 2^31 elements.
+Every result is computed in fp32 and rounded once, to nearest even, on store (``round_to``).
+Program ids are int64 before any address arithmetic: tensors may exceed 2^31 elements.
 """
 
 import triton
 import triton.language as tl
 
 from .activations import activation_backward, activation_forward, activation_param_backward
+from .rounding import round_to, to_fp32
 
-# Elements one program handles per tile: enough to keep loads wide and the grid short, small enough to
-# stay in registers with the fp32 copies of two or three operands.
+# Elements one program handles (a flat block, or a tile): enough to keep loads wide and the grid short,
+# small enough to stay in registers with the fp32 copies of two or three operands and the accumulators.
 TILE_ELEMENTS = 4096
+# The row-addressed backward kernels hold three or four fp32 operands and one or two fp32 accumulator
+# tiles per element: half a tile (8 elements per thread with 8 warps) keeps the gated one under 128
+# registers with no spill (bench/NOTES.md, entry 6, has the numbers and the latency arithmetic).
+BACKWARD_TILE_ELEMENTS = 2048
 MAX_BLOCK_N = 1024
+# A column block at least this narrow would split rows into many programs for little gain.
+MIN_BLOCK_N = 16
 
 
-def block_shape(num_cols: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): whole rows up to MAX_BLOCK_N columns, then enough rows to fill a tile."""
-    block_n = min(triton.next_power_of_2(max(num_cols, 1)), MAX_BLOCK_N)
-    return max(1, TILE_ELEMENTS // block_n), block_n
+def block_shape(num_cols: int, tile_elements: int = TILE_ELEMENTS) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for rows of ``num_cols`` elements: the widest power-of-two column block up to
+    ``MAX_BLOCK_N`` unless a narrower one wastes less of each row on masked lanes (760 columns: 256 x 3 =
+    768, not 1024), then enough rows to fill a tile of ``tile_elements``."""
+    widest = min(triton.next_power_of_2(max(num_cols, 1)), MAX_BLOCK_N)
+    candidates = [widest]
+    while candidates[-1] > max(MIN_BLOCK_N, widest // 16):
+        candidates.append(candidates[-1] // 2)
+    tolerated = num_cols // 16  # masked lanes that cost nothing worth another program
+
+    def waste(block_n: int) -> int:
+        return max(triton.cdiv(num_cols, block_n) * block_n - num_cols, tolerated)
+
+    block_n = min(candidates, key=lambda b: (waste(b), -b))
+    return max(1, tile_elements // block_n), block_n
 
 
 def num_warps_for(block_m: int, block_n: int) -> int:
-    return 8 if block_m * block_n >= 4096 else 4
+    """8 warps for a whole tile (8 or 16 elements per thread), 4 for a small one."""
+    return 8 if block_m * block_n >= BACKWARD_TILE_ELEMENTS else 4
+
+
+def vector_width(element_size: int, *multiples: int) -> int:
+    """The widest run of elements, at most 16 bytes, that every number in ``multiples`` (the column count
+    and the row strides of every tensor a launch addresses by rows) is a multiple of: the ``VECTOR`` the
+    row-addressed kernels may assume."""
+    vector = max(1, 16 // element_size)
+    while vector > 1 and any(m % vector for m in multiples):
+        vector //= 2
+    return vector
 
 
 @triton.jit
-def _tile(pid, num_rows, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The (row-block, column-block) of a flat program id; a flat grid has no 65535 limit on columns."""
+def _quotient(local, divisor, BLOCK: tl.constexpr):
+    """``local // divisor`` for ``0 <= local < divisor + BLOCK``, without an integer division per element.
+
+    A divisor of at least BLOCK leaves a quotient of 0 or 1: one comparison. A smaller one leaves
+    ``local < 2 * BLOCK``: then ``(local + 0.5) / divisor`` is at least ``0.5 / divisor`` away from an
+    integer, far more than fp32's error on a product below 2^13 (~2^-10 / divisor), so truncating the
+    fp32 product is exact."""
+    small = ((local.to(tl.float32) + 0.5) * (1.0 / divisor.to(tl.float32))).to(tl.int64)
+    return tl.where(divisor >= BLOCK, (local >= divisor).to(tl.int64), small)
+
+
+@triton.jit
+def _flat_channels(start, num_cols, num_channels, CHANNELS_ALONG_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The channel of each element of the flat block ``[start, start + BLOCK)`` of a contiguous [M, N]
+    matrix: its column, or its row modulo ``num_channels`` (NCHW rows)."""
+    first_row = start // num_cols  # one scalar division per program
+    local = (start - first_row * num_cols) + tl.arange(0, BLOCK)  # offset from the start of first_row
+    row_step = _quotient(local, num_cols, BLOCK)
+    if CHANNELS_ALONG_ROWS:
+        channels = first_row % num_channels + row_step  # < num_channels + BLOCK
+        channels = channels - _quotient(channels, num_channels, BLOCK) * num_channels
+    else:
+        channels = local - row_step * num_cols
+    return channels
+
+
+@triton.jit
+def _tile(pid, num_cols, BLOCK_N: tl.constexpr):
+    """The (row-block, column-block, columns) of a flat program id; a flat grid has no 65535 limit."""
     num_col_blocks = tl.cdiv(num_cols, BLOCK_N)
     pid_m = pid // num_col_blocks
     pid_n = pid % num_col_blocks
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return pid_m, cols
+    return pid_m, pid_n, pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
-def _channels(rows, cols, num_rows, num_cols, num_channels, CHANNELS_ALONG_ROWS: tl.constexpr):
-    """Channel index of each element of a tile, and its mask, as a broadcastable 2-D block: the column
-    (bias along the last dimension), or row % num_channels (a [outer * C, inner] view of NCHW)."""
-    if CHANNELS_ALONG_ROWS:  # (one return statement: the compiler wants one return type)
-        channels = (rows % num_channels)[:, None]
-        channel_mask = (rows < num_rows)[:, None]
+def _load_channel(ptr, channels, mask, stride, HAS: tl.constexpr):
+    """fp32 values of a per-channel vector (bias, slope) at ``channels``, or 0 when there is none."""
+    if HAS:
+        values = to_fp32(tl.load(ptr + channels * stride, mask=mask))
     else:
-        channels = cols[None, :]
-        channel_mask = (cols < num_cols)[None, :]
-    return channels, channel_mask
+        values = tl.zeros_like(channels).to(tl.float32)
+    return values
+
+
+@triton.jit
+def _bias_act_forward(
+    z, bias, slope, param, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr
+):
+    if HAS_BIAS:
+        z += bias
+    if HAS_WEIGHT:
+        y = activation_forward(z, ACTIVATION, slope)
+    else:
+        y = activation_forward(z, ACTIVATION, param)
+    return y
 
 
 @triton.heuristics(
@@ -69,9 +150,9 @@ def _channels(rows, cols, num_rows, num_cols, num_channels, CHANNELS_ALONG_ROWS:
 )
 @triton.jit
 def bias_act_fwd_kernel(
-    x_ptr,  # input, [M, N], any strides
+    x_ptr,  # input, [M, N], any strides (contiguous when FLAT)
     bias_ptr,  # bias, one per channel, contiguous, or None
-    weight_ptr,  # the activation's parameter per channel (PReLU's slope), or None to use `param`
+    weight_ptr,  # the activation's parameter per channel (PReLU's slope), contiguous, or None to use `param`
     y_ptr,  # output, [M, N] contiguous
     num_rows,  # M
     num_cols,  # N
@@ -84,41 +165,96 @@ def bias_act_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     CHANNELS_ALONG_ROWS: tl.constexpr,  # bias[row % num_channels] instead of bias[col]
+    FLAT: tl.constexpr,  # x is contiguous: address the M * N elements as one run
+    VECTOR: tl.constexpr,  # (rows) num_cols and stride_x_row are multiples of it
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    pid_m, cols = _tile(pid, num_rows, num_cols, BLOCK_M, BLOCK_N)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = (rows < num_rows)[:, None] & (cols < num_cols)[None, :]
-    z = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=mask)
-    z = z.to(tl.float32)
-    channels, channel_mask = _channels(rows, cols, num_rows, num_cols, num_channels, CHANNELS_ALONG_ROWS)
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + channels, mask=channel_mask).to(tl.float32)
+    if FLAT:
+        BLOCK: tl.constexpr = BLOCK_M * BLOCK_N
+        start = pid * BLOCK
+        offsets = start + tl.arange(0, BLOCK)
+        num_elements = num_rows.to(tl.int64) * num_cols
+        channels = _flat_channels(start, num_cols, num_channels, CHANNELS_ALONG_ROWS, BLOCK)
+        bias = _load_channel(bias_ptr, channels, None, 1, HAS_BIAS)
+        slope = _load_channel(weight_ptr, channels, None, stride_weight, HAS_WEIGHT)
+        if start + BLOCK <= num_elements:  # a full block: no mask, so the accesses stay vectorised
+            z = to_fp32(tl.load(x_ptr + offsets))
+            y = _bias_act_forward(z, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT)
+            tl.store(y_ptr + offsets, round_to(y, y_ptr.dtype.element_ty))
+        else:
+            mask = offsets < num_elements
+            z = to_fp32(tl.load(x_ptr + offsets, mask=mask))
+            y = _bias_act_forward(z, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT)
+            tl.store(y_ptr + offsets, round_to(y, y_ptr.dtype.element_ty), mask=mask)
+    else:
+        num_cols = num_cols // VECTOR * VECTOR
+        stride_x_row = stride_x_row // VECTOR * VECTOR
+        pid_m, _, cols = _tile(pid, num_cols, BLOCK_N)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < num_rows
+        col_mask = cols < num_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        z = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=mask)
+        if CHANNELS_ALONG_ROWS:
+            bias = _load_channel(bias_ptr, rows % num_channels, row_mask, 1, HAS_BIAS)[:, None]
+            slope = _load_channel(weight_ptr, rows % num_channels, row_mask, stride_weight, HAS_WEIGHT)[:, None]
+        else:
+            bias = _load_channel(bias_ptr, cols, col_mask, 1, HAS_BIAS)[None, :]
+            slope = _load_channel(weight_ptr, cols, col_mask, stride_weight, HAS_WEIGHT)[None, :]
+        y = _bias_act_forward(to_fp32(z), bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT)
+        tl.store(y_ptr + rows[:, None] * num_cols + cols[None, :], round_to(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_act_backward(
+    grad_y,
+    saved,
+    bias,
+    slope,
+    param,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SAVED_IS_OUTPUT: tl.constexpr,
+):
+    """(grad_z, z or the saved output) in fp32 for one block."""
+    if HAS_BIAS and not SAVED_IS_OUTPUT:  # the saved input needs its bias
+        saved += bias
     if HAS_WEIGHT:
-        slope = tl.load(weight_ptr + channels * stride_weight, mask=channel_mask).to(tl.float32)
+        grad_z = activation_backward(grad_y, saved, ACTIVATION, slope)
+    else:
+        grad_z = activation_backward(grad_y, saved, ACTIVATION, param)
+    return grad_z, saved
+
+
+@triton.jit
+def _recomputed_output(z, slope, param, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    if HAS_WEIGHT:
         y = activation_forward(z, ACTIVATION, slope)
     else:
         y = activation_forward(z, ACTIVATION, param)
-    tl.store(y_ptr + rows[:, None] * num_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    return y
 
 
 @triton.heuristics(
     {
         "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
         "HAS_WEIGHT": lambda args: args["weight_ptr"] is not None,
+        "HAS_OUTPUT": lambda args: args["output_ptr"] is not None,
     }
 )
 @triton.jit
 def bias_act_bwd_kernel(
-    grad_y_ptr,  # gradient of the output, [M, N], any strides
-    saved_ptr,  # what forward saved (input before bias, or output), [M, N], any strides
-    bias_ptr,  # bias, one per channel, or None
-    weight_ptr,  # the activation's parameter per channel, or None
+    grad_y_ptr,  # gradient of the output, [M, N], any strides (contiguous when FLAT)
+    saved_ptr,  # what forward saved (input before bias, or output), [M, N], any strides (contiguous when FLAT)
+    bias_ptr,  # bias, one per channel, contiguous, or None
+    weight_ptr,  # the activation's parameter per channel, contiguous, or None
     grad_x_ptr,  # gradient of the input, [M, N] contiguous
+    output_ptr,  # the forward output recomputed, [M, N] contiguous, or None (needs the saved input)
     # fp32 partial sums of the bias and weight gradients (unused unless asked for): [row_groups, N] for
-    # channels along the columns; [column_blocks, M], one sum per row, for channels along the rows
+    # channels along the columns; [column_groups, M], one sum per row, for channels along the rows
     partial_grad_bias_ptr,
     partial_grad_weight_ptr,
     num_rows,  # M
@@ -129,77 +265,134 @@ def bias_act_bwd_kernel(
     stride_saved_col,
     num_channels,
     stride_weight,
-    rows_per_program,  # a multiple of BLOCK_M
+    tiles_per_program,  # (rows) tiles down the rows (bias per column) or along them (bias per row)
     param,
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    HAS_OUTPUT: tl.constexpr,
     CHANNELS_ALONG_ROWS: tl.constexpr,
     SAVED_IS_OUTPUT: tl.constexpr,
     COMPUTE_GRAD_BIAS: tl.constexpr,
     COMPUTE_GRAD_WEIGHT: tl.constexpr,
+    FLAT: tl.constexpr,  # grad_y and saved contiguous and no parameter gradient: one run of M * N
+    VECTOR: tl.constexpr,  # (rows) num_cols and both row strides are multiples of it
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row_group, cols = _tile(pid, num_rows, num_cols, BLOCK_M, BLOCK_N)
-    col_block = pid % tl.cdiv(num_cols, BLOCK_N)
-    col_mask = cols < num_cols
-    first_row = row_group * rows_per_program
-    if not CHANNELS_ALONG_ROWS:  # one bias/weight vector for every row of this program: load it once
-        channels, channel_mask = _channels(first_row, cols, num_rows, num_cols, num_channels, False)
-        if HAS_BIAS and not SAVED_IS_OUTPUT:  # the saved input needs its bias
-            bias = tl.load(bias_ptr + channels, mask=channel_mask).to(tl.float32)
-        if HAS_WEIGHT:
-            slope = tl.load(weight_ptr + channels * stride_weight, mask=channel_mask).to(tl.float32)
-    grad_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    grad_weight = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for row_offset in range(0, rows_per_program, BLOCK_M):
-        rows = first_row + row_offset + tl.arange(0, BLOCK_M)
-        row_mask = rows < num_rows
-        mask = row_mask[:, None] & col_mask[None, :]
+    dtype = grad_x_ptr.dtype.element_ty
+    if FLAT:
+        tl.static_assert(not (COMPUTE_GRAD_BIAS or COMPUTE_GRAD_WEIGHT), "parameter gradients need rows")
+        BLOCK: tl.constexpr = BLOCK_M * BLOCK_N
+        start = pid * BLOCK
+        offsets = start + tl.arange(0, BLOCK)
+        num_elements = num_rows.to(tl.int64) * num_cols
+        channels = _flat_channels(start, num_cols, num_channels, CHANNELS_ALONG_ROWS, BLOCK)
+        bias = _load_channel(bias_ptr, channels, None, 1, HAS_BIAS and not SAVED_IS_OUTPUT)
+        slope = _load_channel(weight_ptr, channels, None, stride_weight, HAS_WEIGHT)
+        if start + BLOCK <= num_elements:  # a full block: no mask, so the accesses stay vectorised
+            grad_y = to_fp32(tl.load(grad_y_ptr + offsets))
+            saved = to_fp32(tl.load(saved_ptr + offsets))
+            grad_x, z = _bias_act_backward(
+                grad_y, saved, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT, SAVED_IS_OUTPUT
+            )
+            tl.store(grad_x_ptr + offsets, round_to(grad_x, dtype))
+            if HAS_OUTPUT:
+                y = _recomputed_output(z, slope, param, ACTIVATION, HAS_WEIGHT)
+                tl.store(output_ptr + offsets, round_to(y, dtype))
+        else:
+            mask = offsets < num_elements
+            grad_y = to_fp32(tl.load(grad_y_ptr + offsets, mask=mask))
+            saved = to_fp32(tl.load(saved_ptr + offsets, mask=mask))
+            grad_x, z = _bias_act_backward(
+                grad_y, saved, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT, SAVED_IS_OUTPUT
+            )
+            tl.store(grad_x_ptr + offsets, round_to(grad_x, dtype), mask=mask)
+            if HAS_OUTPUT:
+                y = _recomputed_output(z, slope, param, ACTIVATION, HAS_WEIGHT)
+                tl.store(output_ptr + offsets, round_to(y, dtype), mask=mask)
+    else:
+        num_cols = num_cols // VECTOR * VECTOR
+        stride_grad_y_row = stride_grad_y_row // VECTOR * VECTOR
+        stride_saved_row = stride_saved_row // VECTOR * VECTOR
+        # A program owns `tiles_per_program` tiles in a line along the dimension its channels are summed
+        # over (down the rows for a bias per column, along the row for a bias per row), so its bias and
+        # slope are one vector, loaded once, and its parameter gradients one tile, reduced once at the end.
         if CHANNELS_ALONG_ROWS:
-            channels, channel_mask = _channels(rows, cols, num_rows, num_cols, num_channels, True)
-            if HAS_BIAS and not SAVED_IS_OUTPUT:
-                bias = tl.load(bias_ptr + channels, mask=channel_mask).to(tl.float32)
-            if HAS_WEIGHT:
-                slope = tl.load(weight_ptr + channels * stride_weight, mask=channel_mask).to(tl.float32)
-        grad_y = tl.load(
-            grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :] * stride_grad_y_col, mask=mask
-        ).to(tl.float32)
-        saved = tl.load(saved_ptr + rows[:, None] * stride_saved_row + cols[None, :] * stride_saved_col, mask=mask).to(
-            tl.float32
-        )
-        if HAS_BIAS and not SAVED_IS_OUTPUT:
-            saved += bias
-        if HAS_WEIGHT:
-            grad_x = activation_backward(grad_y, saved, ACTIVATION, slope)
+            num_col_groups = tl.cdiv(tl.cdiv(num_cols, BLOCK_N), tiles_per_program)
+            group, line = pid % num_col_groups, pid // num_col_groups
+            first_rows = line * BLOCK_M + tl.arange(0, BLOCK_M)
+            first_cols = group * tiles_per_program * BLOCK_N + tl.arange(0, BLOCK_N)
+            line_mask = first_rows < num_rows
+            channels = first_rows % num_channels
+            bias = _load_channel(bias_ptr, channels, line_mask, 1, HAS_BIAS and not SAVED_IS_OUTPUT)[:, None]
+            slope = _load_channel(weight_ptr, channels, line_mask, stride_weight, HAS_WEIGHT)[:, None]
+            ROW_STEP: tl.constexpr = 0
+            COL_STEP: tl.constexpr = BLOCK_N
         else:
-            grad_x = activation_backward(grad_y, saved, ACTIVATION, param)
-        tl.store(
-            grad_x_ptr + rows[:, None] * num_cols + cols[None, :],
-            grad_x.to(grad_x_ptr.dtype.element_ty),
-            mask=mask,
-        )
-        grad_x = tl.where(mask, grad_x, 0.0)
-        if COMPUTE_GRAD_WEIGHT:
-            grad_slope = tl.where(mask, activation_param_backward(grad_y, saved, ACTIVATION), 0.0)
-        if CHANNELS_ALONG_ROWS:  # each row is one channel: its sum is final for this column block
-            partial_offsets = col_block * num_rows + rows
+            group, line, first_cols = _tile(pid, num_cols, BLOCK_N)
+            first_rows = group * tiles_per_program * BLOCK_M + tl.arange(0, BLOCK_M)
+            line_mask = first_cols < num_cols
+            bias = _load_channel(bias_ptr, first_cols, line_mask, 1, HAS_BIAS and not SAVED_IS_OUTPUT)[None, :]
+            slope = _load_channel(weight_ptr, first_cols, line_mask, stride_weight, HAS_WEIGHT)[None, :]
+            ROW_STEP: tl.constexpr = BLOCK_M
+            COL_STEP: tl.constexpr = 0
+        grad_bias_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        grad_weight_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for tile in range(0, tiles_per_program):
+            rows = first_rows + tile * ROW_STEP
+            cols = first_cols + tile * COL_STEP
+            mask = (rows < num_rows)[:, None] & (cols < num_cols)[None, :]
+            grad_y = to_fp32(
+                tl.load(grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :] * stride_grad_y_col, mask=mask)
+            )
+            saved = to_fp32(
+                tl.load(saved_ptr + rows[:, None] * stride_saved_row + cols[None, :] * stride_saved_col, mask=mask)
+            )
+            grad_x, z = _bias_act_backward(
+                grad_y, saved, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT, SAVED_IS_OUTPUT
+            )
+            out_offsets = rows[:, None] * num_cols + cols[None, :]
+            tl.store(grad_x_ptr + out_offsets, round_to(grad_x, dtype), mask=mask)
+            if HAS_OUTPUT:
+                y = _recomputed_output(z, slope, param, ACTIVATION, HAS_WEIGHT)
+                tl.store(output_ptr + out_offsets, round_to(y, dtype), mask=mask)
             if COMPUTE_GRAD_BIAS:
-                tl.store(partial_grad_bias_ptr + partial_offsets, tl.sum(grad_x, axis=1), mask=row_mask)
+                grad_bias_tile += tl.where(mask, grad_x, 0.0)
             if COMPUTE_GRAD_WEIGHT:
-                tl.store(partial_grad_weight_ptr + partial_offsets, tl.sum(grad_slope, axis=1), mask=row_mask)
+                grad_weight_tile += tl.where(mask, activation_param_backward(grad_y, z, ACTIVATION), 0.0)
+        # One partial sum per channel line and group: [groups, N] by columns, [column groups, M] by rows.
+        if CHANNELS_ALONG_ROWS:
+            partial_offsets = group * num_rows + first_rows
+            if COMPUTE_GRAD_BIAS:
+                tl.store(partial_grad_bias_ptr + partial_offsets, tl.sum(grad_bias_tile, axis=1), mask=line_mask)
+            if COMPUTE_GRAD_WEIGHT:
+                tl.store(partial_grad_weight_ptr + partial_offsets, tl.sum(grad_weight_tile, axis=1), mask=line_mask)
         else:
+            partial_offsets = group * num_cols + first_cols
             if COMPUTE_GRAD_BIAS:
-                grad_bias += tl.sum(grad_x, axis=0)
+                tl.store(partial_grad_bias_ptr + partial_offsets, tl.sum(grad_bias_tile, axis=0), mask=line_mask)
             if COMPUTE_GRAD_WEIGHT:
-                grad_weight += tl.sum(grad_slope, axis=0)
-    if not CHANNELS_ALONG_ROWS:
-        if COMPUTE_GRAD_BIAS:
-            tl.store(partial_grad_bias_ptr + row_group * num_cols + cols, grad_bias, mask=col_mask)
-        if COMPUTE_GRAD_WEIGHT:
-            tl.store(partial_grad_weight_ptr + row_group * num_cols + cols, grad_weight, mask=col_mask)
+                tl.store(partial_grad_weight_ptr + partial_offsets, tl.sum(grad_weight_tile, axis=0), mask=line_mask)
+
+
+@triton.jit
+def _gated_forward(
+    gate,
+    up,
+    gate_bias,
+    up_bias,
+    param,
+    ACTIVATION: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+):
+    if HAS_GATE_BIAS:
+        gate += gate_bias
+    if HAS_UP_BIAS:
+        up += up_bias
+    return activation_forward(gate, ACTIVATION, param) * up
 
 
 @triton.heuristics(
@@ -212,8 +405,8 @@ def bias_act_bwd_kernel(
 def gated_fwd_kernel(
     gate_ptr,  # gate input, [M, N], any strides (may be the first half of a packed [M, 2N])
     up_ptr,  # up input, [M, N], any strides (may be the second half of a packed [M, 2N])
-    gate_bias_ptr,  # [N] or None
-    up_bias_ptr,  # [N] or None
+    gate_bias_ptr,  # [N] contiguous, or None
+    up_bias_ptr,  # [N] contiguous, or None
     y_ptr,  # output act(gate + gate_bias) * (up + up_bias), [M, N] contiguous
     num_rows,  # M
     num_cols,  # N
@@ -225,41 +418,93 @@ def gated_fwd_kernel(
     ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
+    FLAT: tl.constexpr,  # gate and up are each contiguous
+    VECTOR: tl.constexpr,  # (rows) num_cols and both row strides are multiples of it
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    pid_m, cols = _tile(pid, num_rows, num_cols, BLOCK_M, BLOCK_N)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_mask = cols < num_cols
-    mask = (rows < num_rows)[:, None] & col_mask[None, :]
-    gate = tl.load(gate_ptr + rows[:, None] * stride_gate_row + cols[None, :] * stride_gate_col, mask=mask)
-    up = tl.load(up_ptr + rows[:, None] * stride_up_row + cols[None, :] * stride_up_col, mask=mask)
-    gate = gate.to(tl.float32)
-    up = up.to(tl.float32)
+    dtype = y_ptr.dtype.element_ty
+    if FLAT:
+        BLOCK: tl.constexpr = BLOCK_M * BLOCK_N
+        start = pid * BLOCK
+        offsets = start + tl.arange(0, BLOCK)
+        num_elements = num_rows.to(tl.int64) * num_cols
+        cols = _flat_channels(start, num_cols, 1, False, BLOCK)
+        gate_bias = _load_channel(gate_bias_ptr, cols, None, 1, HAS_GATE_BIAS)
+        up_bias = _load_channel(up_bias_ptr, cols, None, 1, HAS_UP_BIAS)
+        if start + BLOCK <= num_elements:  # a full block: no mask, so the accesses stay vectorised
+            gate = to_fp32(tl.load(gate_ptr + offsets))
+            up = to_fp32(tl.load(up_ptr + offsets))
+            y = _gated_forward(gate, up, gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+            tl.store(y_ptr + offsets, round_to(y, dtype))
+        else:
+            mask = offsets < num_elements
+            gate = to_fp32(tl.load(gate_ptr + offsets, mask=mask))
+            up = to_fp32(tl.load(up_ptr + offsets, mask=mask))
+            y = _gated_forward(gate, up, gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+            tl.store(y_ptr + offsets, round_to(y, dtype), mask=mask)
+    else:
+        num_cols = num_cols // VECTOR * VECTOR
+        stride_gate_row = stride_gate_row // VECTOR * VECTOR
+        stride_up_row = stride_up_row // VECTOR * VECTOR
+        pid_m, _, cols = _tile(pid, num_cols, BLOCK_N)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        col_mask = cols < num_cols
+        mask = (rows < num_rows)[:, None] & col_mask[None, :]
+        gate = tl.load(gate_ptr + rows[:, None] * stride_gate_row + cols[None, :] * stride_gate_col, mask=mask)
+        up = tl.load(up_ptr + rows[:, None] * stride_up_row + cols[None, :] * stride_up_col, mask=mask)
+        gate_bias = _load_channel(gate_bias_ptr, cols, col_mask, 1, HAS_GATE_BIAS)[None, :]
+        up_bias = _load_channel(up_bias_ptr, cols, col_mask, 1, HAS_UP_BIAS)[None, :]
+        y = _gated_forward(
+            to_fp32(gate), to_fp32(up), gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS
+        )
+        tl.store(y_ptr + rows[:, None] * num_cols + cols[None, :], round_to(y, dtype), mask=mask)
+
+
+@triton.jit
+def _gated_backward(
+    grad_y,
+    gate,
+    up,
+    gate_bias,
+    up_bias,
+    param,
+    ACTIVATION: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    SAVED_IS_OUTPUT: tl.constexpr,
+):
+    """(grad_gate, grad_up, y) in fp32 for one block: y = act(gate) * up is the forward output, recomputed."""
     if HAS_GATE_BIAS:
-        gate += tl.load(gate_bias_ptr + cols, mask=col_mask).to(tl.float32)[None, :]
+        gate += gate_bias
     if HAS_UP_BIAS:
-        up += tl.load(up_bias_ptr + cols, mask=col_mask).to(tl.float32)[None, :]
-    y = activation_forward(gate, ACTIVATION, param) * up
-    tl.store(y_ptr + rows[:, None] * num_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        up += up_bias
+    activated = activation_forward(gate, ACTIVATION, param)
+    if SAVED_IS_OUTPUT:  # sigmoid/tanh/relu gates: their derivative reads the output
+        grad_gate = activation_backward(grad_y * up, activated, ACTIVATION, param)
+    else:
+        grad_gate = activation_backward(grad_y * up, gate, ACTIVATION, param)
+    return grad_gate, grad_y * activated, activated * up
 
 
 @triton.heuristics(
     {
         "HAS_GATE_BIAS": lambda args: args["gate_bias_ptr"] is not None,
         "HAS_UP_BIAS": lambda args: args["up_bias_ptr"] is not None,
+        "HAS_OUTPUT": lambda args: args["output_ptr"] is not None,
     }
 )
 @triton.jit
 def gated_bwd_kernel(
-    grad_y_ptr,  # gradient of the output, [M, N], any strides
-    gate_ptr,  # gate input (before bias), [M, N], any strides
-    up_ptr,  # up input (before bias), [M, N], any strides
-    gate_bias_ptr,  # [N] or None
-    up_bias_ptr,  # [N] or None
+    grad_y_ptr,  # gradient of the output, [M, N], any strides (contiguous when FLAT)
+    gate_ptr,  # gate input (before bias), [M, N], any strides (contiguous when FLAT)
+    up_ptr,  # up input (before bias), [M, N], any strides (contiguous when FLAT)
+    gate_bias_ptr,  # [N] contiguous, or None
+    up_bias_ptr,  # [N] contiguous, or None
     grad_gate_ptr,  # [M, N], row stride stride_grad_row, column stride 1 (may be half of a packed buffer)
     grad_up_ptr,  # [M, N], likewise
+    output_ptr,  # the forward output act(gate) * up recomputed, [M, N] contiguous, or None
     partial_grad_gate_bias_ptr,  # fp32 [row_groups, N], row stride stride_partial_row (if COMPUTE_GRAD_BIAS)
     partial_grad_up_bias_ptr,  # likewise
     num_rows,  # M
@@ -272,54 +517,88 @@ def gated_bwd_kernel(
     stride_up_col,
     stride_grad_row,
     stride_partial_row,
-    rows_per_program,  # a multiple of BLOCK_M
+    tiles_per_program,  # (rows) tiles down the rows
     param,
     ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
+    HAS_OUTPUT: tl.constexpr,
     SAVED_IS_OUTPUT: tl.constexpr,  # the activation's derivative is written in terms of its output
     COMPUTE_GRAD_BIAS: tl.constexpr,
+    FLAT: tl.constexpr,  # grad_y, gate, up contiguous, separate contiguous gradients, no bias gradient
+    VECTOR: tl.constexpr,  # (rows) num_cols and every row stride are multiples of it
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row_group, cols = _tile(pid, num_rows, num_cols, BLOCK_M, BLOCK_N)
-    col_mask = cols < num_cols
-    if HAS_GATE_BIAS:
-        gate_bias = tl.load(gate_bias_ptr + cols, mask=col_mask).to(tl.float32)
-    if HAS_UP_BIAS:
-        up_bias = tl.load(up_bias_ptr + cols, mask=col_mask).to(tl.float32)
-    grad_gate_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    grad_up_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    first_row = row_group * rows_per_program
-    for row_offset in range(0, rows_per_program, BLOCK_M):
-        rows = first_row + row_offset + tl.arange(0, BLOCK_M)
-        mask = (rows < num_rows)[:, None] & col_mask[None, :]
-        grad_y = tl.load(
-            grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :] * stride_grad_y_col, mask=mask
-        ).to(tl.float32)
-        gate = tl.load(gate_ptr + rows[:, None] * stride_gate_row + cols[None, :] * stride_gate_col, mask=mask).to(
-            tl.float32
-        )
-        up = tl.load(up_ptr + rows[:, None] * stride_up_row + cols[None, :] * stride_up_col, mask=mask)
-        up = up.to(tl.float32)
-        if HAS_GATE_BIAS:
-            gate += gate_bias[None, :]
-        if HAS_UP_BIAS:
-            up += up_bias[None, :]
-        activated = activation_forward(gate, ACTIVATION, param)
-        if SAVED_IS_OUTPUT:  # sigmoid/tanh/relu gates: their derivative reads the output
-            grad_gate = activation_backward(grad_y * up, activated, ACTIVATION, param)
+    dtype = grad_gate_ptr.dtype.element_ty
+    if FLAT:
+        tl.static_assert(not COMPUTE_GRAD_BIAS, "bias gradients need rows")
+        BLOCK: tl.constexpr = BLOCK_M * BLOCK_N
+        start = pid * BLOCK
+        offsets = start + tl.arange(0, BLOCK)
+        num_elements = num_rows.to(tl.int64) * num_cols
+        cols = _flat_channels(start, num_cols, 1, False, BLOCK)
+        gate_bias = _load_channel(gate_bias_ptr, cols, None, 1, HAS_GATE_BIAS)
+        up_bias = _load_channel(up_bias_ptr, cols, None, 1, HAS_UP_BIAS)
+        if start + BLOCK <= num_elements:  # a full block: no mask, so the accesses stay vectorised
+            grad_y = to_fp32(tl.load(grad_y_ptr + offsets))
+            gate = to_fp32(tl.load(gate_ptr + offsets))
+            up = to_fp32(tl.load(up_ptr + offsets))
+            grad_gate, grad_up, y = _gated_backward(
+                grad_y, gate, up, gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SAVED_IS_OUTPUT
+            )
+            tl.store(grad_gate_ptr + offsets, round_to(grad_gate, dtype))
+            tl.store(grad_up_ptr + offsets, round_to(grad_up, dtype))
+            if HAS_OUTPUT:
+                tl.store(output_ptr + offsets, round_to(y, dtype))
         else:
-            grad_gate = activation_backward(grad_y * up, gate, ACTIVATION, param)
-        grad_up = grad_y * activated
-        out_offsets = rows[:, None] * stride_grad_row + cols[None, :]
-        tl.store(grad_gate_ptr + out_offsets, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_up_ptr + out_offsets, grad_up.to(grad_up_ptr.dtype.element_ty), mask=mask)
+            mask = offsets < num_elements
+            grad_y = to_fp32(tl.load(grad_y_ptr + offsets, mask=mask))
+            gate = to_fp32(tl.load(gate_ptr + offsets, mask=mask))
+            up = to_fp32(tl.load(up_ptr + offsets, mask=mask))
+            grad_gate, grad_up, y = _gated_backward(
+                grad_y, gate, up, gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SAVED_IS_OUTPUT
+            )
+            tl.store(grad_gate_ptr + offsets, round_to(grad_gate, dtype), mask=mask)
+            tl.store(grad_up_ptr + offsets, round_to(grad_up, dtype), mask=mask)
+            if HAS_OUTPUT:
+                tl.store(output_ptr + offsets, round_to(y, dtype), mask=mask)
+    else:
+        num_cols = num_cols // VECTOR * VECTOR
+        stride_grad_y_row = stride_grad_y_row // VECTOR * VECTOR
+        stride_gate_row = stride_gate_row // VECTOR * VECTOR
+        stride_up_row = stride_up_row // VECTOR * VECTOR
+        stride_grad_row = stride_grad_row // VECTOR * VECTOR
+        row_group, _, cols = _tile(pid, num_cols, BLOCK_N)
+        col_mask = cols < num_cols
+        gate_bias = _load_channel(gate_bias_ptr, cols, col_mask, 1, HAS_GATE_BIAS)[None, :]
+        up_bias = _load_channel(up_bias_ptr, cols, col_mask, 1, HAS_UP_BIAS)[None, :]
+        # Gradient tiles summed over the program's row steps; reduced over the rows once, after the loop.
+        grad_gate_bias_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        grad_up_bias_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        first_rows = row_group * tiles_per_program * BLOCK_M + tl.arange(0, BLOCK_M)
+        for tile in range(0, tiles_per_program):
+            rows = first_rows + tile * BLOCK_M
+            mask = (rows < num_rows)[:, None] & col_mask[None, :]
+            grad_y = to_fp32(
+                tl.load(grad_y_ptr + rows[:, None] * stride_grad_y_row + cols[None, :] * stride_grad_y_col, mask=mask)
+            )
+            gate = tl.load(gate_ptr + rows[:, None] * stride_gate_row + cols[None, :] * stride_gate_col, mask=mask)
+            up = tl.load(up_ptr + rows[:, None] * stride_up_row + cols[None, :] * stride_up_col, mask=mask)
+            grad_gate, grad_up, y = _gated_backward(
+                grad_y, to_fp32(gate), to_fp32(up), gate_bias, up_bias, param,
+                ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SAVED_IS_OUTPUT,
+            )  # fmt: skip
+            out_offsets = rows[:, None] * stride_grad_row + cols[None, :]
+            tl.store(grad_gate_ptr + out_offsets, round_to(grad_gate, dtype), mask=mask)
+            tl.store(grad_up_ptr + out_offsets, round_to(grad_up, dtype), mask=mask)
+            if HAS_OUTPUT:
+                tl.store(output_ptr + rows[:, None] * num_cols + cols[None, :], round_to(y, dtype), mask=mask)
+            if COMPUTE_GRAD_BIAS:
+                grad_gate_bias_tile += tl.where(mask, grad_gate, 0.0)
+                grad_up_bias_tile += tl.where(mask, grad_up, 0.0)
         if COMPUTE_GRAD_BIAS:
-            grad_gate_bias += tl.sum(tl.where(mask, grad_gate, 0.0), axis=0)
-            grad_up_bias += tl.sum(tl.where(mask, grad_up, 0.0), axis=0)
-    if COMPUTE_GRAD_BIAS:
-        partial_offsets = row_group * stride_partial_row + cols
-        tl.store(partial_grad_gate_bias_ptr + partial_offsets, grad_gate_bias, mask=col_mask)
-        tl.store(partial_grad_up_bias_ptr + partial_offsets, grad_up_bias, mask=col_mask)
+            partial_offsets = row_group * stride_partial_row + cols
+            tl.store(partial_grad_gate_bias_ptr + partial_offsets, tl.sum(grad_gate_bias_tile, axis=0), mask=col_mask)
+            tl.store(partial_grad_up_bias_ptr + partial_offsets, tl.sum(grad_up_bias_tile, axis=0), mask=col_mask)

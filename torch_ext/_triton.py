@@ -2,8 +2,19 @@
 
 Same signatures as the fallback in ``_fallback.py``; ``ops.py`` chooses between the two per call.
 Empty tensors never reach this module.
+
+Two rules every launcher here (and softmax's) follows, each in one helper:
+
+- ``vector_argument``: a per-channel tensor (bias, PReLU's slope, a gate or up bias, a half of a packed
+  bias) reaches a kernel contiguous. The kernels index those by channel, as dense vectors; a strided or
+  expanded one is copied once here (they are small), never read as if it were dense.
+- ``launch``: every kernel launch runs under the device of its tensors. Triton launches on the current
+  CUDA device and that device's current stream; a model split over two GPUs calls with cuda:1's tensors
+  while cuda:0 is current, so the guard makes the tensors' device current for the launch (its current
+  stream with it) and restores the previous one after.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -12,12 +23,15 @@ from torch import Tensor
 
 from fusedact.kernels import (
     ACTIVATIONS,
+    BACKWARD_TILE_ELEMENTS,
+    TILE_ELEMENTS,
     bias_act_bwd_kernel,
     bias_act_fwd_kernel,
     block_shape,
     gated_bwd_kernel,
     gated_fwd_kernel,
     num_warps_for,
+    vector_width,
 )
 
 from ._channels import channel_matrix, channels_along_rows, empty_output
@@ -27,6 +41,28 @@ from ._channels import channel_matrix, channels_along_rows, empty_output
 PROGRAMS_PER_SM = 4
 # Under the interpreter each program is a Python loop: fewer, longer programs are faster.
 INTERPRETER_PROGRAMS = 8
+# The launch configuration of a flat (contiguous) call: one block shape whatever the width, so one
+# compiled variant per activation and dtype serves every shape.
+FLAT_BLOCK = (1, TILE_ELEMENTS)
+
+
+def device_guard(device: torch.device):
+    """A context that makes ``device`` the current CUDA device (and so its current stream Triton's), or
+    nothing when it already is (or for CPU tensors under the interpreter)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def launch(kernel, grid: tuple[int, ...], device: torch.device, *args, **meta) -> None:
+    """Launch ``kernel`` on ``grid`` under ``device`` (see ``device_guard``): the only place a kernel runs."""
+    with device_guard(device):
+        kernel[grid](*args, **meta)
+
+
+def vector_argument(t: Tensor | None) -> Tensor | None:
+    """A per-channel tensor as the kernels read it: contiguous (a copy only if it is not already)."""
+    return None if t is None else t.contiguous()
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -38,6 +74,15 @@ def as_matrix(t: Tensor) -> Tensor:
         return t.reshape(-1, num_cols)
 
 
+def _row_vector(element_size: int, num_cols: int, *matrices: Tensor) -> int:
+    """``VECTOR`` for a row-addressed launch over ``matrices`` (see ``kernels.vector_width``)."""
+    return vector_width(element_size, num_cols, *(m.stride(0) for m in matrices))
+
+
+def _flat_grid(num_elements: int) -> tuple[int]:
+    return (triton.cdiv(num_elements, FLAT_BLOCK[0] * FLAT_BLOCK[1]),)
+
+
 @functools.cache
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
@@ -46,20 +91,28 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _backward_grid(
-    num_rows: int, num_cols: int, compute_grad_bias: bool, device: torch.device
-) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, row_groups, rows_per_program) for a backward pass. With a bias gradient the rows
-    are split into groups so the grid fills the GPU and each group's partial sum is one row of a small
-    [row_groups, N] buffer; without one, each program takes one tile."""
-    block_m, block_n = block_shape(num_cols)
-    if not compute_grad_bias:
-        return block_m, block_n, triton.cdiv(num_rows, block_m), block_m
-    return block_m, block_n, *row_groups(num_rows, num_cols, block_m, block_n, device)
+    num_rows: int, num_cols: int, reduce: bool, along_rows: bool, device: torch.device
+) -> tuple[int, int, int, int, tuple[int]]:
+    """(BLOCK_M, BLOCK_N, groups, tiles_per_program, grid) of a row-addressed backward pass.
+
+    With a parameter gradient, a program takes ``tiles_per_program`` tiles in a line along the dimension
+    the gradient is summed over (down the rows for a bias per column, along each row for a bias per row)
+    and writes one partial sum per channel: the lines are split into ``groups`` so the grid fills the GPU,
+    and the partial buffer is ``[groups, N]`` (``[groups, M]`` by rows). Without one, one tile each."""
+    block_m, block_n = block_shape(num_cols, BACKWARD_TILE_ELEMENTS)
+    row_blocks, col_blocks = triton.cdiv(num_rows, block_m), triton.cdiv(num_cols, block_n)
+    lines, length = (row_blocks, col_blocks) if along_rows else (col_blocks, row_blocks)
+    if not reduce:
+        return block_m, block_n, length, 1, (row_blocks * col_blocks,)
+    groups = max(1, min(length, triton.cdiv(_target_programs(device), lines)))
+    tiles_per_program = triton.cdiv(length, groups)
+    groups = triton.cdiv(length, tiles_per_program)
+    return block_m, block_n, groups, tiles_per_program, (groups * lines,)
 
 
 def row_groups(num_rows: int, num_cols: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(row_groups, rows_per_program) of a backward with a bias gradient: enough programs to fill the GPU,
-    each summing its group's rows into one row of the [row_groups, N] partial buffer (also softmax's)."""
+    """(row_groups, rows_per_program) of softmax's backward with a bias gradient: enough programs to fill
+    the GPU, each summing its group's rows into one row of the [row_groups, N] partial buffer."""
     row_blocks = triton.cdiv(num_rows, block_m)
     col_blocks = triton.cdiv(num_cols, block_n)
     groups = max(1, min(row_blocks, triton.cdiv(_target_programs(device), col_blocks)))
@@ -76,13 +129,19 @@ def bias_act(x: Tensor, bias: Tensor | None, weight: Tensor | None, activation: 
     x2 = channel_matrix(x, dim, along_rows)
     num_rows, num_cols = x2.shape
     y = empty_output(x, dim)
-    block_m, block_n = block_shape(num_cols)
-    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
-    bias_act_fwd_kernel[grid](
-        x2, bias, weight, channel_matrix(y, dim, along_rows), num_rows, num_cols, x2.stride(0), x2.stride(1),
-        _num_channels(x, dim), _weight_stride(weight), param,
-        ACTIVATION=_activation_id(activation), CHANNELS_ALONG_ROWS=along_rows, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps_for(block_m, block_n),
+    flat = x2.is_contiguous()
+    if flat:
+        (block_m, block_n), grid, vector = FLAT_BLOCK, _flat_grid(x2.numel()), 1
+    else:
+        block_m, block_n = block_shape(num_cols)
+        grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
+        vector = _row_vector(x.element_size(), num_cols, x2)
+    launch(
+        bias_act_fwd_kernel, grid, x.device,
+        x2, vector_argument(bias), vector_argument(weight), channel_matrix(y, dim, along_rows),
+        num_rows, num_cols, x2.stride(0), x2.stride(1), _num_channels(x, dim), _weight_stride(weight), param,
+        ACTIVATION=_activation_id(activation), CHANNELS_ALONG_ROWS=along_rows, FLAT=flat, VECTOR=vector,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
     return y
 
@@ -119,7 +178,10 @@ def bias_act_backward(
     saved_is_output: bool,
     compute_grad_bias: bool,
     compute_grad_weight: bool,
+    output: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_bias, grad_weight). ``output``: a tensor laid out like ``grad_x`` that also receives
+    the forward output, recomputed from the saved input (not with ``saved_is_output``)."""
     along_rows = channels_along_rows(saved, dim)
     grad_y2, saved2 = channel_matrix(grad_y, dim, along_rows), channel_matrix(saved, dim, along_rows)
     num_rows, num_cols = saved2.shape
@@ -127,22 +189,30 @@ def bias_act_backward(
     compute_grad_bias = compute_grad_bias and bias is not None
     compute_grad_weight = compute_grad_weight and weight is not None
     reduce = compute_grad_bias or compute_grad_weight
-    block_m, block_n, row_groups, rows_per_program = _backward_grid(num_rows, num_cols, reduce, saved.device)
-    # Partial sums: one [row_groups, N] row per row group (channels in columns), or one sum per row and
-    # column block (channels in rows).
-    partial_shape = (triton.cdiv(num_cols, block_n), num_rows) if along_rows else (row_groups, num_cols)
+    flat = not reduce and grad_y2.is_contiguous() and saved2.is_contiguous()
+    if flat:
+        (block_m, block_n), grid, vector, groups, tiles_per_program = FLAT_BLOCK, _flat_grid(saved2.numel()), 1, 1, 1
+    else:
+        block_m, block_n, groups, tiles_per_program, grid = _backward_grid(
+            num_rows, num_cols, reduce, along_rows, saved.device
+        )
+        vector = _row_vector(saved.element_size(), num_cols, grad_y2, saved2)
+    # Partial sums: one row per group of rows (channels in columns) or of columns (channels in rows).
+    partial_shape = (groups, num_rows if along_rows else num_cols)
 
     def partial_buffer(compute: bool) -> Tensor | None:
         return torch.empty(partial_shape, dtype=torch.float32, device=saved.device) if compute else None
 
     partial_bias, partial_weight = partial_buffer(compute_grad_bias), partial_buffer(compute_grad_weight)
-    grid = (row_groups * triton.cdiv(num_cols, block_n),)
-    bias_act_bwd_kernel[grid](
-        grad_y2, saved2, bias, weight, channel_matrix(grad_x, dim, along_rows), partial_bias, partial_weight,
+    output2 = None if output is None else channel_matrix(output, dim, along_rows)
+    launch(
+        bias_act_bwd_kernel, grid, saved.device,
+        grad_y2, saved2, vector_argument(bias), vector_argument(weight), channel_matrix(grad_x, dim, along_rows),
+        output2, partial_bias, partial_weight,
         num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), saved2.stride(0), saved2.stride(1),
-        _num_channels(saved, dim), _weight_stride(weight), rows_per_program, param,
+        _num_channels(saved, dim), _weight_stride(weight), tiles_per_program, param,
         ACTIVATION=_activation_id(activation), CHANNELS_ALONG_ROWS=along_rows, SAVED_IS_OUTPUT=saved_is_output,
-        COMPUTE_GRAD_BIAS=compute_grad_bias, COMPUTE_GRAD_WEIGHT=compute_grad_weight,
+        COMPUTE_GRAD_BIAS=compute_grad_bias, COMPUTE_GRAD_WEIGHT=compute_grad_weight, FLAT=flat, VECTOR=vector,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
     num_channels = _num_channels(saved, dim)
@@ -160,12 +230,18 @@ def gated(
     gate2, up2 = as_matrix(gate), as_matrix(up)
     num_rows, num_cols = gate2.shape
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    block_m, block_n = block_shape(num_cols)
-    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
-    gated_fwd_kernel[grid](
-        gate2, up2, gate_bias, up_bias, y, num_rows, num_cols,
+    flat = gate2.is_contiguous() and up2.is_contiguous()
+    if flat:
+        (block_m, block_n), grid, vector = FLAT_BLOCK, _flat_grid(gate2.numel()), 1
+    else:
+        block_m, block_n = block_shape(num_cols)
+        grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
+        vector = _row_vector(gate.element_size(), num_cols, gate2, up2)
+    launch(
+        gated_fwd_kernel, grid, gate.device,
+        gate2, up2, vector_argument(gate_bias), vector_argument(up_bias), y, num_rows, num_cols,
         gate2.stride(0), gate2.stride(1), up2.stride(0), up2.stride(1), param,
-        ACTIVATION=_activation_id(activation), BLOCK_M=block_m, BLOCK_N=block_n,
+        ACTIVATION=_activation_id(activation), FLAT=flat, VECTOR=vector, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
     return y
@@ -183,24 +259,34 @@ def gated_backward_into(
     param: float,
     saved_is_output: bool,
     compute_grad_bias: bool,
+    output: Tensor | None = None,
 ) -> Tensor | None:
     """Write gate/up gradients into ``grad_gate``/``grad_up`` ([M, N] views with column stride 1 and one
-    shared row stride: two separate buffers, or the halves of one packed buffer). Returns the fp32 partial
+    shared row stride: two separate buffers, or the halves of one packed buffer), and the recomputed
+    forward output into ``output`` (contiguous, like ``gate``) when given. Returns the fp32 partial
     bias-gradient sums ``[2, N]`` (gate, up) when asked for, else None."""
     grad_y2, gate2, up2 = as_matrix(grad_y), as_matrix(gate), as_matrix(up)
     num_rows, num_cols = gate2.shape
     compute_grad_bias = compute_grad_bias and (gate_bias is not None or up_bias is not None)
-    block_m, block_n, row_groups, rows_per_program = _backward_grid(num_rows, num_cols, compute_grad_bias, gate.device)
+    flat = not compute_grad_bias and all(t.is_contiguous() for t in (grad_y2, gate2, up2, grad_gate, grad_up))
+    if flat:
+        (block_m, block_n), grid, vector, groups, tiles_per_program = FLAT_BLOCK, _flat_grid(gate2.numel()), 1, 1, 1
+    else:
+        block_m, block_n, groups, tiles_per_program, grid = _backward_grid(
+            num_rows, num_cols, compute_grad_bias, False, gate.device
+        )
+        vector = _row_vector(gate.element_size(), num_cols, grad_y2, gate2, up2, grad_gate)
     partial = partial_gate = partial_up = None
     if compute_grad_bias:  # one buffer: the gate and up sums of a row group side by side
-        partial = torch.empty((row_groups, 2, num_cols), dtype=torch.float32, device=gate.device)
+        partial = torch.empty((groups, 2, num_cols), dtype=torch.float32, device=gate.device)
         partial_gate, partial_up = partial[:, 0], partial[:, 1]
-    grid = (row_groups * triton.cdiv(num_cols, block_n),)
-    gated_bwd_kernel[grid](
-        grad_y2, gate2, up2, gate_bias, up_bias, grad_gate, grad_up, partial_gate, partial_up,
+    launch(
+        gated_bwd_kernel, grid, gate.device,
+        grad_y2, gate2, up2, vector_argument(gate_bias), vector_argument(up_bias), grad_gate, grad_up,
+        None if output is None else as_matrix(output), partial_gate, partial_up,
         num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), gate2.stride(0), gate2.stride(1),
-        up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols, rows_per_program, param,
+        up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols, tiles_per_program, param,
         ACTIVATION=_activation_id(activation), SAVED_IS_OUTPUT=saved_is_output, COMPUTE_GRAD_BIAS=compute_grad_bias,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
+        FLAT=flat, VECTOR=vector, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
     return partial.sum(0) if compute_grad_bias else None

@@ -72,8 +72,9 @@ def _softmax_triton(x: Tensor, bias: Optional[Tensor], dim: int, log: bool) -> T
     x3 = _rows(x, dim)
     num_rows, num_cols, inner, block_m, block_n = _launch_shape(x3)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    softmax_fwd_kernel[(triton.cdiv(num_rows, block_m),)](
-        x3, bias, y, num_rows, num_cols, inner, x3.stride(0), x3.stride(1), x3.stride(2),
+    ops._triton.launch(
+        softmax_fwd_kernel, (triton.cdiv(num_rows, block_m),), x.device,
+        x3, ops._triton.vector_argument(bias), y, num_rows, num_cols, inner, x3.stride(0), x3.stride(1), x3.stride(2),
         LOG=log, SINGLE_BLOCK=num_cols <= block_n, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=softmax_num_warps(block_m, block_n),
     )  # fmt: skip
@@ -90,7 +91,8 @@ def _softmax_backward_triton(
     row_sums = None
     if num_cols > block_n:  # long rows: their sums first, then a grid over row groups and column blocks
         row_sums = torch.empty(num_rows, dtype=torch.float32, device=y.device)
-        softmax_bwd_row_sums_kernel[(triton.cdiv(num_rows, block_m),)](
+        ops._triton.launch(
+            softmax_bwd_row_sums_kernel, (triton.cdiv(num_rows, block_m),), y.device,
             grad_y3, y3, row_sums, num_rows, num_cols, inner, *strides,
             LOG=log, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
@@ -100,7 +102,8 @@ def _softmax_backward_triton(
     else:
         row_groups, rows_per_program, partial = triton.cdiv(num_rows, block_m), block_m, None
     grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    softmax_bwd_kernel[(row_groups * triton.cdiv(num_cols, block_n),)](
+    ops._triton.launch(
+        softmax_bwd_kernel, (row_groups * triton.cdiv(num_cols, block_n),), y.device,
         grad_y3, y3, row_sums, grad_x, partial, num_rows, num_cols, inner, *strides, rows_per_program,
         LOG=log, COMPUTE_GRAD_BIAS=compute_grad_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
@@ -186,5 +189,6 @@ def _softmax_grad(ctx, grad_y, backward):
 
 
 run_softmax = ops._entry(
-    softmax, _softmax_impl, _softmax_setup_context, _softmax_grad, softmax_backward, _softmax_backward_impl
-)
+    softmax, _softmax_impl, _softmax_setup_context, _softmax_grad, softmax_backward, _softmax_backward_impl,
+    _softmax_backward_torch,  # differentiable PyTorch ops: double backward
+)  # fmt: skip
