@@ -1,137 +1,256 @@
-"""PTX report: what the compiler makes of every fusedact kernel on an H100, without a GPU.
+"""PTX report: what the compiler makes of fusedact's kernels for an H100/H200 (sm_90), without a GPU.
 
-    python -m bench.ptx_report                                   # every kernel x activation, bf16 and fp32
-    python -m bench.ptx_report --kernels bias_act_bwd_kernel --activations gelu_tanh --dtypes bf16
-    python -m bench.ptx_report --kernels softmax_fwd_kernel softmax_bwd_kernel --cols 8192
+    python -m bench.ptx_report                                        # the hot cases at the usual widths
+    python -m bench.ptx_report --cases act-bwd-bias gated-bwd --widths 760 11007 --dtypes bf16
+    python -m bench.ptx_report --cases act-fwd --activations gelu silu --widths 4096 --ptx-dir ptx/
 
-The softmax kernels (``fusedact.kernels.softmax``) take no activation: their rows are ``softmax`` and
-``log_softmax``, at the last dimension (``inner_size`` 1), for ``--cols`` columns (beyond ``MAX_BLOCK_N``
-the online loop and the backward's row-sums kernel).
+A *case* is one real call of fusedact's launchers (``fusedact._triton``, ``fusedact.softmax``) on CPU
+tensors of the case's shape and layout, with ``_triton.launch`` replaced by a recorder: the launcher
+picks the kernel, the grid, the block shape, ``FLAT``/``VECTOR`` and every argument exactly as it does for
+a CUDA tensor of that shape. Each recorded launch is then specialised by Triton's own binder for sm_90,
+as a real launch is (integers divisible by 16 and pointers aligned to 16 bytes marked so, integers equal
+to 1 made constants, the ``@triton.heuristics`` applied), compiled with ``triton.compile``, and Triton's
+``ptxas`` (``-arch=sm_90a -v``) reports registers and spills. From the PTX: the width of every global load
+and store (16 bytes = ``ld.global.v4.b32``, the widest), the barriers inside loops (a reduction per row
+step shows up as ``bar.sync`` in the loop body) and the instruction count.
 
-For each kernel of ``fusedact.kernels`` (unwrapped from ``@triton.heuristics`` down to its ``JITFunction``),
-activation and dtype, ``triton.compile`` builds it for sm_90 with the specialisation a contiguous launch
-gets: 16-byte-aligned pointers, row strides, sizes and rows per program divisible by 16
-(``tt.divisibility``), column strides of 1 as constants, every optional pointer present (bias, bias
-gradient), and the block shape and warps the launchers pick for ``--cols`` columns. Then Triton's own
-``ptxas`` (``-arch=sm_90a -v``) reports registers per thread and spill bytes, and the PTX is searched for
-the width of every global load and store (16 bytes: ``ld.global.v4.b32``, the widest there is).
-
-A kernel argument the table below does not know stops the report with its name: the kernels changed, and
-this file must learn the new argument. No GPU and no ``TRITON_INTERPRET`` needed (it is ignored here).
+What a report says is what the GPU runs for that shape: nothing is assumed about alignment or sizes.
+No GPU and no ``TRITON_INTERPRET`` needed (it is ignored here). ``compile_case`` is the library entry
+(``tests/test_ptx.py`` asserts on it).
 """
 
 import argparse
+import functools
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)  # the interpreter would hand us no JITFunction to compile
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from fusedact import kernels  # noqa: E402
-from fusedact.kernels import softmax as softmax_kernels  # noqa: E402
-from fusedact.ops import saves_output  # noqa: E402
+from fusedact import _triton, ops  # noqa: E402
+from fusedact import softmax as softmax_ops  # noqa: E402
 
-SOFTMAX_KERNELS = ("softmax_fwd_kernel", "softmax_bwd_kernel", "softmax_bwd_row_sums_kernel")
-KERNELS = ("bias_act_fwd_kernel", "bias_act_bwd_kernel", "gated_fwd_kernel", "gated_bwd_kernel", *SOFTMAX_KERNELS)
-SOFTMAX_VARIANTS = ("softmax", "log_softmax")
 TARGET = GPUTarget("cuda", 90, 32)
-TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WIDTHS = (4096, 11008, 760, 1128, 196, 49, 11007)
+ROWS = 4096
+CONV_CHANNELS = 64
 
 
-def jit_function(kernel) -> JITFunction:
-    """The ``JITFunction`` under any ``@triton.heuristics`` / ``@triton.autotune`` wrappers."""
-    while not isinstance(kernel, JITFunction):
-        kernel = kernel.fn
-    return kernel
+# ---------------------------------------------------------------------------------------------------
+# Cases: real launcher calls
 
 
-def argument_spec(name: str, dtype: str, constants: dict) -> tuple[str, Optional[object], bool]:
-    """(signature type, constant value or None, divisible by 16) of one kernel argument."""
-    if name in constants:
-        return "constexpr", constants[name], False
-    if name.endswith("_ptr"):
-        return ("*fp32" if name.startswith(("partial", "row_sums")) else f"*{TRITON_TYPES[dtype]}"), None, True
-    if name == "stride_weight":
-        return "i32", None, False  # 0 or 1 (a shared or per-channel PReLU slope)
-    if name.startswith("stride_") and name.endswith(("_col", "_inner")) or name == "inner_size":
-        return "constexpr", 1, False  # a launch with a column stride of 1 (softmax: last dim) specialises it so
-    if name.startswith(("stride_", "num_")) or name == "rows_per_program":
-        return "i32", None, True
-    if name == "param":
-        return "fp32", None, False
-    raise KeyError(f"ptx_report does not know the kernel argument {name!r}: teach argument_spec about it")
+def _empty(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype)
 
 
-def kernel_constants(activation: str, cols: int) -> dict:
-    """The constexprs a launch of ``activation`` at ``cols`` columns passes, with every option switched on."""
-    block_m, block_n = kernels.block_shape(cols)
-    return {
-        "ACTIVATION": kernels.ACTIVATIONS[activation],
-        "HAS_BIAS": True,
-        "HAS_GATE_BIAS": True,
-        "HAS_UP_BIAS": True,
-        "SAVED_IS_OUTPUT": saves_output(activation, 1.0),
-        "COMPUTE_GRAD_BIAS": True,
-        # The Linear case: bias along the columns, no per-channel parameter (PReLU and conv channels are
-        # the other specialisations of the same kernels).
-        "HAS_WEIGHT": False,
-        "CHANNELS_ALONG_ROWS": False,
-        "COMPUTE_GRAD_WEIGHT": False,
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-    }
+def _act_fwd(activation, dtype, width, rows):
+    x, bias = _empty(rows, width, dtype=dtype), _empty(width, dtype=dtype)
+    _triton.bias_act(x, bias, None, activation, 1.0, 1)
 
 
-def softmax_constants(kernel_name: str, variant: str, cols: int) -> dict:
-    """The constexprs of a softmax launch at the last dimension of ``cols`` columns, with a bias (gradient);
-    the backward of a row that fits one block reduces it in place, without row sums."""
-    block_m, block_n = softmax_kernels.softmax_block_shape(1 << 20, cols, rows_adjacent=False)
-    constants = {"LOG": variant == "log_softmax", "HAS_BIAS": True, "COMPUTE_GRAD_BIAS": True}
-    constants.update(SINGLE_BLOCK=cols <= block_n, HAS_ROW_SUMS=cols > block_n, BLOCK_M=block_m, BLOCK_N=block_n)
-    if cols <= block_n and kernel_name == "softmax_bwd_kernel":
-        constants["row_sums_ptr"] = None
-    return constants
+def _act_fwd_strided(activation, dtype, width, rows):
+    x, bias = _empty(rows, width + 8, dtype=dtype)[:, :width], _empty(width, dtype=dtype)
+    _triton.bias_act(x, bias, None, activation, 1.0, 1)
 
 
-def block_and_warps(kernel_name: str, constants: dict) -> tuple[int, int]:
-    block_m, block_n = constants["BLOCK_M"], constants["BLOCK_N"]
-    if kernel_name in SOFTMAX_KERNELS:
-        return block_m * block_n, softmax_kernels.softmax_num_warps(block_m, block_n)
-    return block_m * block_n, kernels.num_warps_for(block_m, block_n)
+def _act_bwd(activation, dtype, width, rows, with_bias_grad=False):
+    saved_is_output = ops.saves_output(activation, 1.0)
+    grad_y, saved, bias = _empty(rows, width, dtype=dtype), _empty(rows, width, dtype=dtype), _empty(width, dtype=dtype)
+    _triton.bias_act_backward(
+        grad_y, saved, bias, None, activation, 1.0, 1, saved_is_output, with_bias_grad, False
+    )  # fmt: skip
 
 
-def compile_ptx(kernel_name: str, activation: str, dtype: str, cols: int) -> tuple[str, int]:
-    """(PTX, num_warps) of one kernel specialisation for sm_90."""
-    if kernel_name in SOFTMAX_KERNELS:
-        function = jit_function(getattr(softmax_kernels, kernel_name))
-        constants = softmax_constants(kernel_name, activation, cols)
+def _conv(activation, dtype, width, rows, backward=False):
+    """An NCHW feature map of ``width`` = H x W pixels and a bias on its channels (``bias_act(dim=1)``)."""
+    batch = max(1, rows // CONV_CHANNELS)
+    x, bias = _empty(batch, CONV_CHANNELS, width, dtype=dtype), _empty(CONV_CHANNELS, dtype=dtype)
+    if backward:
+        saved_is_output = ops.saves_output(activation, 1.0)
+        _triton.bias_act_backward(torch.empty_like(x), x, bias, None, activation, 1.0, 1, saved_is_output, True, False)
     else:
-        function = jit_function(getattr(kernels, kernel_name))
-        constants = kernel_constants(activation, cols)
-    signature, constexprs, attrs = {}, {}, {}
-    for index, name in enumerate(function.arg_names):
-        kind, value, divisible = argument_spec(name, dtype, constants)
-        signature[name] = kind
-        if value is not None:
-            constexprs[(index,)] = value
-        if divisible:
-            attrs[(index,)] = DIVISIBLE_BY_16
-    _, num_warps = block_and_warps(kernel_name, constants)
-    source = ASTSource(fn=function, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps})
-    return compiled.asm["ptx"], num_warps
+        _triton.bias_act(x, bias, None, activation, 1.0, 1)
+
+
+def _gated_fwd(activation, dtype, width, rows, packed=False):
+    if packed:
+        x = _empty(rows, 2 * width, dtype=dtype)
+        gate, up = x[:, :width], x[:, width:]
+    else:
+        gate, up = _empty(rows, width, dtype=dtype), _empty(rows, width, dtype=dtype)
+    _triton.gated(gate, up, None, None, activation, 1.0)
+
+
+def _gated_bwd(activation, dtype, width, rows, packed=False, with_bias=False):
+    saved_is_output = ops.saves_output(activation, 1.0)
+    if packed:
+        x, grad_x = _empty(rows, 2 * width, dtype=dtype), _empty(rows, 2 * width, dtype=dtype)
+        gate, up, grad_gate, grad_up = x[:, :width], x[:, width:], grad_x[:, :width], grad_x[:, width:]
+    else:
+        gate, up = _empty(rows, width, dtype=dtype), _empty(rows, width, dtype=dtype)
+        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    biases = (_empty(width, dtype=dtype), _empty(width, dtype=dtype)) if with_bias else (None, None)
+    _triton.gated_backward_into(
+        grad_gate, grad_up, _empty(rows, width, dtype=dtype), gate, up, *biases, activation, 1.0,
+        saved_is_output, with_bias,
+    )  # fmt: skip
+
+
+def _softmax_fwd(activation, dtype, width, rows):
+    softmax_ops._softmax_triton(_empty(rows, width, dtype=dtype), _empty(width, dtype=dtype), 1, activation == "log")
+
+
+def _softmax_bwd(activation, dtype, width, rows):
+    y = _empty(rows, width, dtype=dtype)
+    softmax_ops._softmax_backward_triton(torch.empty_like(y), y, 1, activation == "log", True)
+
+
+# name -> (call, activations it takes by default, description)
+CASES: dict[str, tuple[Callable, tuple[str, ...], str]] = {
+    "act-fwd": (_act_fwd, ("gelu", "gelu_tanh", "swish", "relu"), "x [rows, width] + bias, contiguous"),
+    "act-fwd-strided": (_act_fwd_strided, ("gelu",), "x a column slice of [rows, width + 8]"),
+    "act-bwd": (_act_bwd, ("gelu", "gelu_tanh", "swish", "relu"), "backward, no bias gradient"),
+    "act-bwd-bias": (
+        functools.partial(_act_bwd, with_bias_grad=True),
+        ("gelu", "gelu_tanh", "swish", "relu"),
+        "backward with the bias gradient",
+    ),
+    "conv-fwd": (_conv, ("relu", "swish"), f"NCHW [rows/{CONV_CHANNELS}, {CONV_CHANNELS}, width], channel bias"),
+    "conv-bwd-bias": (functools.partial(_conv, backward=True), ("relu", "swish"), "its backward, bias gradient"),
+    "gated-fwd": (_gated_fwd, ("swish", "gelu"), "gate and up separate [rows, width]"),
+    "gated-fwd-packed": (functools.partial(_gated_fwd, packed=True), ("swish",), "halves of [rows, 2 width]"),
+    "gated-bwd": (_gated_bwd, ("swish", "gelu"), "backward, separate, no biases"),
+    "gated-bwd-packed": (functools.partial(_gated_bwd, packed=True), ("swish", "gelu"), "backward, packed"),
+    "gated-bwd-bias": (
+        functools.partial(_gated_bwd, with_bias=True),
+        ("swish", "gelu"),
+        "backward with gate/up bias gradients",
+    ),
+    "softmax-fwd": (_softmax_fwd, ("softmax", "log"), "rows of width, bias"),
+    "softmax-bwd-bias": (_softmax_bwd, ("softmax", "log"), "backward with the bias gradient"),
+}
+DEFAULT_CASES = ("act-fwd", "act-bwd", "act-bwd-bias", "conv-fwd", "conv-bwd-bias", "gated-fwd", "gated-bwd",
+                 "gated-bwd-packed", "gated-bwd-bias")  # fmt: skip
+
+
+@dataclass
+class Launch:
+    kernel: object  # the @triton.heuristics wrapper or the JITFunction
+    args: tuple
+    meta: dict
+
+
+def record_launches(case: str, activation: str, dtype: str, width: int, rows: int = ROWS) -> list[Launch]:
+    """Run one case's launcher on CPU tensors with ``_triton.launch`` recording instead of launching."""
+    launches = []
+
+    def record(kernel, grid, device, *args, **meta):
+        launches.append(Launch(kernel, args, meta))
+
+    call = CASES[case][0]
+    with mock.patch.object(_triton, "launch", record):
+        call(activation, DTYPES[dtype], width, rows)
+    return launches
+
+
+# ---------------------------------------------------------------------------------------------------
+# Specialise as Triton does, compile, read the PTX
+
+
+@dataclass
+class KernelFacts:
+    """What the compiled code of one launch shows."""
+
+    kernel: str
+    constants: dict  # the launch's constexprs (FLAT, VECTOR, BLOCK_M, ...)
+    num_warps: int
+    registers: Optional[int]
+    spill_stores: int
+    spill_loads: int
+    loads: Counter  # bytes per thread of one ld.global -> how many in the PTX
+    stores: Counter
+    barriers_in_loops: int
+    instructions: int
+    ptx: str = field(repr=False)
+
+
+def _unwrap(kernel) -> tuple[JITFunction, dict]:
+    """The JITFunction under the heuristics wrappers, and the heuristics' rules."""
+    rules = {}
+    while not isinstance(kernel, JITFunction):
+        rules.update(getattr(kernel, "values", {}))
+        kernel = kernel.fn
+    return kernel, rules
+
+
+@functools.cache
+def _backend():
+    return make_backend(TARGET)
+
+
+def specialise(launch: Launch) -> tuple[JITFunction, dict, dict, dict, object]:
+    """(function, signature, constexprs, attrs, options) of a launch, by Triton's own binder for sm_90."""
+    function, rules = _unwrap(launch.kernel)
+    kwargs = dict(launch.meta)
+    named = dict(zip(function.arg_names, launch.args, strict=False))
+    named.update(kwargs)
+    for name, rule in rules.items():
+        kwargs[name] = rule(named)
+    binder = create_function_from_signature(function.signature, function.params, _backend())
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = function._pack_args(_backend(), kwargs, bound_args, specialization, options)
+    return function, signature, constexprs, attrs, options
+
+
+_COMPILED: dict = {}
+
+
+def compile_launch(launch: Launch) -> KernelFacts:
+    function, signature, constexprs, attrs, options = specialise(launch)
+    key = (function.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+           repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))  # fmt: skip
+    if key not in _COMPILED:
+        compiled = triton.compile(ASTSource(function, signature, constexprs, attrs), target=TARGET,
+                                  options=options.__dict__)  # fmt: skip
+        ptx = compiled.asm["ptx"]
+        usage = registers_and_spills(ptx)
+        constants = {function.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+        _COMPILED[key] = KernelFacts(
+            kernel=function.__name__,
+            constants={k: v for k, v in constants.items() if k.isupper()},
+            num_warps=options.num_warps,
+            registers=usage["registers"],
+            spill_stores=usage["spill_stores"],
+            spill_loads=usage["spill_loads"],
+            loads=access_widths(ptx, "ld"),
+            stores=access_widths(ptx, "st"),
+            barriers_in_loops=barriers_in_loops(ptx),
+            instructions=instruction_count(ptx),
+            ptx=ptx,
+        )
+    return _COMPILED[key]
+
+
+def compile_case(case: str, activation: str, dtype: str, width: int, rows: int = ROWS) -> list[KernelFacts]:
+    """The facts of every kernel one case launches, as the GPU would compile them."""
+    return [compile_launch(launch) for launch in record_launches(case, activation, dtype, width, rows)]
 
 
 def ptxas_path() -> Path:
@@ -170,45 +289,109 @@ def access_widths(ptx: str, kind: str) -> Counter:
     return widths
 
 
+def barriers_in_loops(ptx: str) -> int:
+    """``bar.sync`` instructions inside a loop: between a label and a later branch back to it."""
+    lines = ptx.splitlines()
+    labels = {}
+    for index, line in enumerate(lines):
+        match = re.match(r"^(\$L__\w+):", line.strip())
+        if match:
+            labels[match.group(1)] = index
+    inside = set()
+    for index, line in enumerate(lines):
+        match = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
+        if match and labels.get(match.group(1), index) < index:
+            inside.update(range(labels[match.group(1)], index + 1))
+    return sum(1 for index in inside if "bar.sync" in lines[index])
+
+
+def instruction_count(ptx: str) -> int:
+    """PTX instructions (lines ending in ';' that are not declarations)."""
+    declarations = (".reg", ".param", ".shared", ".local", ".global", ".loc", ".file", ".visible", ".entry")
+    return sum(
+        1 for line in ptx.splitlines() if line.strip().endswith(";") and not line.strip().startswith(declarations)
+    )
+
+
 def format_widths(widths: Counter) -> str:
     return ", ".join(f"{width} B x{count}" for width, count in sorted(widths.items(), reverse=True)) or "–"
 
 
-def report_row(kernel_name: str, activation: str, dtype: str, cols: int) -> str:
-    ptx, num_warps = compile_ptx(kernel_name, activation, dtype, cols)
-    usage = registers_and_spills(ptx)
-    if kernel_name in SOFTMAX_KERNELS:
-        block_m, block_n = softmax_kernels.softmax_block_shape(1 << 20, cols, rows_adjacent=False)
-    else:
-        block_m, block_n = kernels.block_shape(cols)
-    spills = f"{usage['spill_stores']} / {usage['spill_loads']}"
-    cells = [kernel_name, activation, dtype, f"{block_m}x{block_n}", str(num_warps), str(usage["registers"]), spills]
-    cells += [format_widths(access_widths(ptx, "ld")), format_widths(access_widths(ptx, "st"))]
-    return "| " + " | ".join(cells) + " |"
-
-
 HEADER = (
-    "| kernel | activation | dtype | BLOCK_M x BLOCK_N | warps | registers | spill bytes (st / ld) "
-    "| global loads (bytes per thread x count) | global stores |\n|---|---|---|---|--:|--:|--:|---|---|"
+    "| case | activation | dtype | width | kernel | FLAT | VECTOR | block | warps | registers | spills (st/ld B) "
+    "| loads (B per thread x count) | stores | bar.sync in loops | instructions |\n"
+    "|---|---|---|--:|---|---|--:|---|--:|--:|--:|---|---|--:|--:|"
 )
+
+
+def facts_json(case: str, activation: str, dtype: str, width: int, facts: KernelFacts) -> dict:
+    """One launch's facts as plain JSON (widths as {"bytes": count})."""
+    return {
+        "case": case, "activation": activation, "dtype": dtype, "width": width, "kernel": facts.kernel,
+        "constants": facts.constants, "num_warps": facts.num_warps, "registers": facts.registers,
+        "spill_stores": facts.spill_stores, "spill_loads": facts.spill_loads,
+        "loads": {str(k): v for k, v in facts.loads.items()}, "stores": {str(k): v for k, v in facts.stores.items()},
+        "barriers_in_loops": facts.barriers_in_loops, "instructions": facts.instructions,
+    }  # fmt: skip
+
+
+def report_rows(case: str, activation: str, dtype: str, width: int, rows: int = ROWS) -> list[str]:
+    out = []
+    for facts in compile_case(case, activation, dtype, width, rows):
+        constants = facts.constants
+        cells = [case, activation, dtype, str(width), facts.kernel, str(constants.get("FLAT", "–")),
+                 str(constants.get("VECTOR", "–")), f"{constants.get('BLOCK_M')}x{constants.get('BLOCK_N')}",
+                 str(facts.num_warps), str(facts.registers), f"{facts.spill_stores} / {facts.spill_loads}",
+                 format_widths(facts.loads), format_widths(facts.stores), str(facts.barriers_in_loops),
+                 str(facts.instructions)]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print the report as a markdown table. Returns 0."""
     parser = argparse.ArgumentParser(prog="python -m bench.ptx_report", description=__doc__.split("\n")[0])
-    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
-    activations = list(kernels.ACTIVATIONS)
-    parser.add_argument("--activations", nargs="+", choices=activations, default=activations)
-    parser.add_argument("--dtypes", nargs="+", choices=list(TRITON_TYPES), default=["bf16", "fp32"])
-    parser.add_argument("--cols", type=int, default=4096, help="row width the launch is for (block shape, warps)")
+    parser.add_argument(
+        "--cases", nargs="+", default=list(DEFAULT_CASES), metavar="CASE[:ACTIVATION]",
+        help=f"cases (one of {', '.join(CASES)}), each optionally with the activation to compile it for",
+    )  # fmt: skip
+    parser.add_argument("--activations", nargs="+", help="instead of each case's default activations")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16"])
+    parser.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS), help="row widths (conv: H x W)")
+    parser.add_argument("--rows", type=int, default=ROWS, help="rows of the [rows, width] tensors")
+    parser.add_argument("--ptx-dir", type=Path, help="also write each compiled kernel's PTX here")
+    parser.add_argument("--json", action="store_true", help="print one JSON list of every launch's facts instead")
     args = parser.parse_args(argv)
-    print(f"triton {triton.__version__}, target sm_90 (ptxas -arch=sm_90a), {args.cols} columns\n")
-    print(HEADER, flush=True)
-    for kernel_name in args.kernels:
-        variants = SOFTMAX_VARIANTS if kernel_name in SOFTMAX_KERNELS else args.activations
-        for activation in variants:
+    plan = []  # (case, activations)
+    for spec in args.cases:
+        case, _, activation = spec.partition(":")
+        if case not in CASES:
+            parser.error(f"unknown case {case!r}; expected one of {', '.join(CASES)}")
+        plan.append((case, [activation] if activation else args.activations or list(CASES[case][1])))
+    if args.json:
+        records = []
+        for case, activations in plan:
+            for activation in activations:
+                for dtype in args.dtypes:
+                    for width in args.widths:
+                        for facts in compile_case(case, activation, dtype, width, args.rows):
+                            records.append(facts_json(case, activation, dtype, width, facts))
+        print(json.dumps(records))
+        return 0
+    print(f"triton {triton.__version__}, target sm_90 (ptxas -arch=sm_90a), real launches at {args.rows} rows\n")
+    for case, _ in plan:
+        print(f"- {case}: {CASES[case][2]}")
+    print("\n" + HEADER, flush=True)
+    for case, activations in plan:
+        for activation in activations:
             for dtype in args.dtypes:
-                print(report_row(kernel_name, activation, dtype, args.cols), flush=True)
+                for width in args.widths:
+                    for row in report_rows(case, activation, dtype, width, args.rows):
+                        print(row, flush=True)
+    if args.ptx_dir:
+        args.ptx_dir.mkdir(parents=True, exist_ok=True)
+        for index, facts in enumerate(_COMPILED.values()):
+            (args.ptx_dir / f"{index:03d}-{facts.kernel}.ptx").write_text(facts.ptx)
     return 0
 
 

@@ -383,9 +383,8 @@ def test_cuda_without_a_gpu_is_an_error(capsys):
 def test_ptx_report_compiles_a_kernel_for_sm90():
     """One kernel through triton.compile for sm_90 and ptxas: no GPU needed."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "bench.ptx_report", "--kernels", "bias_act_fwd_kernel"]
-    command += ["--activations", "gelu", "--dtypes", "bf16"]
+    command = [sys.executable, "-m", "bench.ptx_report", "--cases", "act-fwd:gelu", "--widths", "760"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     row = done.stdout.strip().splitlines()[-1]
-    assert row.startswith("| bias_act_fwd_kernel | gelu | bf16 |") and "16 B" in row
+    assert row.startswith("| act-fwd | gelu | bf16 | 760 | bias_act_fwd_kernel | True |") and "16 B" in row
