@@ -1,7 +1,7 @@
 """Benchmark: fusedact against eager PyTorch, torch.compile and Liger Kernel; time, GB/s and error side by side.
 
     python -m bench                                   # the default sweep: the GPU if there is one, else the CPU
-    python -m bench --out                             # ... and write JSON, CSV, markdown, PNGs to bench/results/
+    python -m bench --out                             # ... written to bench/results/<device>-<date>/ (to commit)
     python -m bench --quick --device cpu              # a few seconds: fusedact's CPU fallback vs eager
     python -m bench --ops gelu swiglu --dtypes bf16 --shapes 8192x4096 --modes fwd --providers fusedact eager
     python -m bench --plan                            # what the chosen sweep runs, and a rough time estimate
@@ -13,12 +13,16 @@ What runs, in order (see each module's docstring for the details):
 4. the sweep: op x dtype x shape, every provider, every mode (fwd, bwd, fwd+bwd): median/p20/p80 time,
    GB/s from the minimal byte count, % of copy bandwidth, speedup over every provider, and every
    provider's max error against a float64 reference (``cases.py``, ``sweep.py``).
-A markdown table is printed as the sweep goes; ``--out`` writes everything (``report.py``), and the
+A markdown table is printed as the sweep goes; every run writes JSON, CSV, markdown (and plots) into
+``bench-results/<device>-<date>/`` (git-ignored; ``--out DIR`` elsewhere) and says where; on a GPU the
 issue's targets are checked against the results. ``--time-limit`` stops the sweep (not the sections
 before it) in time to write what was measured, listing the points left out.
 
-On the CPU the numbers are those of fusedact's PyTorch fallback, not the Triton kernels, at small sizes,
-and torch.compile runs only when asked for (``--providers ... compile``: about 30 s per compile there).
+On the CPU the numbers are those of fusedact's PyTorch fallback against eager PyTorch, not the Triton
+kernels: the default CPU run (about 70 s on a busy 2-core machine) times gelu, silu and swiglu at
+[8192, 4096] in fp32 and bf16, forward and forward + backward, both providers in rounds, and prints
+fusedact / eager round by round with its spread; the GPU targets are not judged there. torch.compile runs
+on the CPU only when asked for (``--providers ... compile``: about 30 s per compile there).
 """
 
 import argparse
@@ -35,6 +39,8 @@ import fusedact
 
 from .cases import (
     COMPILE_MODES,
+    CPU_DEFAULT_MODES,
+    CPU_DEFAULT_OPS,
     CPU_QUICK_SHAPES,
     CPU_SHAPES,
     DEFAULT_OPS,
@@ -52,9 +58,12 @@ from .cases import (
 from .memory import measure_blocks
 from .overhead import measure_overhead
 from .report import (
+    CPU_LEGEND,
+    CPU_NOTE,
     SWEEP_LEGEND,
     Progress,
     check_targets,
+    cpu_ratio_table,
     environment,
     failures,
     out_dir_from,
@@ -125,7 +134,7 @@ def build_parser(op_names: Sequence[str]) -> argparse.ArgumentParser:
         "speedup, and every provider's max error against float64.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"ops: {' '.join(op_names)} (or all)\n"
-        f"default ops: {' '.join(DEFAULT_OPS)}\n"
+        f"default ops: {' '.join(DEFAULT_OPS)} (CPU: {' '.join(CPU_DEFAULT_OPS)})\n"
         f"default GPU shapes: tokens x hidden grid and odd sizes: {' '.join(map(format_shape, GPU_SHAPES))}\n"
         f"default GPU compile shapes: {' '.join(map(format_shape, GPU_COMPILE_SHAPES))}\n"
         f"default CPU shapes: {' '.join(map(format_shape, CPU_SHAPES))}",
@@ -149,7 +158,9 @@ def build_parser(op_names: Sequence[str]) -> argparse.ArgumentParser:
         metavar="DTYPE",
         help="dtypes at which torch.compile runs (default: the first swept dtype on a GPU, every one on the CPU)",
     )
-    parser.add_argument("--modes", nargs="+", choices=MODES, metavar="MODE", help="fwd bwd fwd+bwd (default: all)")
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, metavar="MODE", help="fwd bwd fwd+bwd (default: all; CPU: fwd fwd+bwd)"
+    )
     parser.add_argument(
         "--providers",
         nargs="+",
@@ -160,14 +171,17 @@ def build_parser(op_names: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, metavar="SECTION", help="overhead memory sweep")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if available")
     parser.add_argument("--quick", action="store_true", help="one shape, shorter timing")
-    parser.add_argument("--rep-ms", type=float, help="ms of calls per timing (default: 25 GPU, 100 CPU; quick 20)")
+    parser.add_argument(
+        "--rep-ms", type=float, help="ms of calls per timing (GPU: 25, quick 20; CPU: rounds' budget, 100, quick 20)"
+    )
     parser.add_argument("--time-limit", type=float, metavar="SECONDS", help="start no sweep point after this")
     parser.add_argument(
         "--out",
         nargs="?",
         const="",
         metavar="DIR",
-        help="write JSON, CSV, markdown and PNG plots into DIR (no DIR: bench/results/<device>-<date>/)",
+        help="write JSON, CSV, markdown and PNG plots into DIR (no DIR: bench/results/<device>-<date>/, to commit; "
+        "default: bench-results/<device>-<date>/, git-ignored)",
     )
     parser.add_argument("--plan", action="store_true", help="print what would run and a rough time; run nothing")
     return parser
@@ -215,7 +229,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, torch.device, Optional[st
     device = resolve_device(parser, args.device, args.plan)
     notes = []
 
-    op_names = tuple(ops) if args.ops and "all" in args.ops else tuple(args.ops or DEFAULT_OPS)
+    default_ops = DEFAULT_OPS if device.type == "cuda" else CPU_DEFAULT_OPS
+    op_names = tuple(ops) if args.ops and "all" in args.ops else tuple(args.ops or default_ops)
     missing = [name for name in op_names if name not in ops]
     op_names = tuple(name for name in op_names if name in ops)
     if missing:  # only default ops can be missing: --ops choices are the available ones
@@ -246,7 +261,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, torch.device, Optional[st
         shapes=shapes,
         compile_shapes=compile_shapes,
         compile_dtypes=compile_dtypes,
-        modes=tuple(args.modes or MODES),
+        modes=tuple(args.modes or (MODES if device.type == "cuda" else CPU_DEFAULT_MODES)),
         providers=tuple(providers),
         sections=tuple(args.sections or SECTIONS),
         rep_ms=rep_ms,
@@ -296,7 +311,8 @@ def run_sweep(
     ops = available_ops()
     points = settings.points()
     providers = [p for p in settings.providers if p != "liger" or any(ops[o].liger for o in settings.ops)]
-    print(sweep_header(providers), flush=True)
+    gpu = device.type == "cuda"
+    print(sweep_header(providers, show_copy=gpu), flush=True)
     progress = Progress(len(points))
     skipped = []
     try:
@@ -311,7 +327,7 @@ def run_sweep(
                 settings.rep_ms, copy_gbps,
             )  # fmt: skip
             for record in records:
-                progress.write(sweep_row(record, providers))
+                progress.write(sweep_row(record, providers, show_copy=gpu))
             report["results"].extend(records)
             save(report)
             progress.end()
@@ -321,7 +337,7 @@ def run_sweep(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark: print tables; with ``--out``, write every file. Returns 0."""
+    """Run the benchmark: print tables and write every file (``--out``, else ``bench-results/``). Returns 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     settings, device, out_argument, plan_only, notes = parse_args(argv)
     if plan_only:
@@ -329,6 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     metadata = environment(device, argv)
     out_dir = out_dir_from(out_argument, metadata)
+    gpu = device.type == "cuda"
     report = {
         "metadata": metadata,
         "settings": settings.as_dict(),
@@ -348,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         """Write the report so far (at most every SAVE_EVERY_S: a 2 MB JSON per point would cost half a
         minute over the default sweep); the final save adds the plots."""
         now = time.perf_counter()
-        if out_dir is None or (not final and now - last_save[0] < SAVE_EVERY_S):
+        if not final and now - last_save[0] < SAVE_EVERY_S:
             return
         last_save[0] = now
         current["elapsed_s"] = round(now - current["started"], 1)
@@ -358,8 +375,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"# fusedact benchmark: {metadata['device']}\n")
     print(" | ".join(f"{key}: {metadata[key]}" for key in ("torch", "triton", "fusedact", "git_commit")))
     print(f"timing: {metadata['timing']}")
+    if not gpu:
+        print(f"note: {CPU_NOTE}.")
     for note in notes:
         print(f"note: {note}")
+    print(f"writing to {out_dir}/", flush=True)
 
     torch.manual_seed(0)
     previous_cpu_backend = fusedact.get_cpu_backend()
@@ -380,14 +400,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print("\n" + SWEEP_LEGEND)
     report["targets"] = check_targets(report)
-    print("\n## Targets (inputs of 64 MiB and more)\n\n" + targets_table(report["targets"]))
+    if gpu:
+        print("\n## Targets (inputs of 64 MiB and more)\n\n" + targets_table(report["targets"]))
+    else:
+        print("\n" + CPU_LEGEND)
+        if any("paired" in record for record in report["results"]):
+            print("\n## CPU path: fusedact / eager time\n\n" + cpu_ratio_table(report["results"]))
+        print("\n## Targets: not judged on CPU (GPU targets: the Triton kernels' bandwidth and speed)")
     for line in failures(report):
         print(f"failed: {line}")
     if report["skipped"]:
         print(f"\ntime limit reached: {len(report['skipped'])} points not measured (listed in the report)")
-    if out_dir is not None:
-        save(report, final=True)
-        print(f"\nwrote {out_dir}/")
+    save(report, final=True)
+    print(f"\ndone in {time.perf_counter() - report['started']:.0f} s; wrote {out_dir}/")
     return 0
 
 

@@ -255,7 +255,11 @@ GPU_QUICK_SHAPES = ((8192, 4096),)
 # torch.compile costs seconds per shape, op, dtype and graph: on the default GPU sweep it runs at one
 # shape where the targets are judged (tensors of 64 MiB and more), Llama-2-7B's MLP width, in bf16.
 GPU_COMPILE_SHAPES = ((8192, 11008),)
-CPU_SHAPES = ((256, 1024), (1024, 4096), (100, 760))
+# The CPU sweep measures the fallback against eager where it matters (issue 14): a large tensor, beyond
+# the caches, in a few ops (each kernel path's fallback: erf, sigmoid, gated); the quick run is tiny.
+CPU_SHAPES = ((8192, 4096),)
+CPU_DEFAULT_OPS = ("gelu", "silu", "swiglu")
+CPU_DEFAULT_MODES = ("fwd", "fwd+bwd")
 CPU_QUICK_SHAPES = ((256, 1024),)
 
 
@@ -271,6 +275,19 @@ class InputSet:
     leaves: tuple[Tensor, ...]
     detached: tuple[Tensor, ...]
     grad_out: Tensor
+
+
+# Rows of the inputs on which the CPU sweep measures errors (all of them when fewer).
+CPU_ERROR_ROWS = 512
+
+
+def error_input_set(inputs: InputSet, rows: int) -> InputSet:
+    """The first ``rows`` rows of ``inputs`` (biases whole), as fresh leaves; ``inputs`` itself when it has
+    no more rows than that."""
+    if inputs.grad_out.shape[0] <= rows:
+        return inputs
+    leaves = tuple((t.detach()[:rows] if t.dim() == 2 else t.detach()).clone().requires_grad_() for t in inputs.leaves)
+    return InputSet(leaves, tuple(t.detach() for t in leaves), inputs.grad_out[:rows].clone())
 
 
 def leaf_shapes(layout: str, rows: int, cols: int) -> list[tuple[int, ...]]:

@@ -24,13 +24,19 @@ import torch
 import fusedact
 
 from .cases import PROVIDERS, format_shape
+from .timing import MIN_CPU_ROUNDS
 
 try:
     import triton
 except ImportError:
     triton = None
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed results (``--out`` without DIR)
+LOCAL_RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench-results"  # every other run (git-ignored)
+CPU_NOTE = (
+    "CPU run: these are fusedact's PyTorch fallback on the CPU against eager PyTorch on the CPU, not the "
+    "Triton kernels' speed; the GPU targets are not judged here"
+)
 TARGET_MIN_BYTES = 64 * 2**20  # the issue's targets hold for tensors of 64 MiB and more
 
 
@@ -100,14 +106,15 @@ def environment(device: torch.device, argv: Sequence[str]) -> dict:
             sm_count=properties.multi_processor_count,
             memory_gib=round(properties.total_memory / 2**30, 1),
             l2_mib=round(getattr(properties, "L2_cache_size", 0) / 2**20, 1),
-            timing="triton.testing.do_bench: median, p20, p80 of single calls, L2 flushed before each",
+            timing="CUDA events around single calls, each after a read of 4x the L2 (clean lines): median, p20, p80",
         )
     else:
         metadata.update(
             device=f"CPU: {cpu_model()}, {torch.get_num_threads()} threads",
             driver="n/a",
-            note="CPU numbers: fusedact's PyTorch fallback on the CPU, not the Triton kernels",
-            timing="wall-clock median, p20, p80 of single calls after warm-up",
+            note=CPU_NOTE,
+            timing=f"providers timed together in rounds (order rotating, >= {MIN_CPU_ROUNDS} rounds, batches of "
+            ">= 1 ms): median and p20-p80 over the rounds; ratios round by round",
         )
     return metadata
 
@@ -119,8 +126,8 @@ def device_slug(device_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "gpu"
 
 
-def default_out_dir(metadata: dict) -> Path:
-    return RESULTS_DIR / f"{device_slug(metadata['device'])}-{metadata['date'][:10]}"
+def default_out_dir(metadata: dict, base: Path = RESULTS_DIR) -> Path:
+    return base / f"{device_slug(metadata['device'])}-{metadata['date'][:10]}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,21 +152,24 @@ def error_cell(record: dict, provider: str) -> str:
     return f"{errors['input_grad']:.1e}"
 
 
-def sweep_header(providers: Sequence[str]) -> str:
+def sweep_header(providers: Sequence[str], show_copy: bool = True) -> str:
+    """The sweep table's header; ``show_copy`` False (the CPU) leaves out % of copy bandwidth, which says
+    nothing of a PyTorch fallback whose data sits partly in the CPU's caches."""
     others = [p for p in providers if p != "fusedact"]
-    cells = ["op", "dtype", "shape", "mode", "MiB", "fusedact ms [p20, p80]", "GB/s", "% copy"]
+    cells = ["op", "dtype", "shape", "mode", "MiB", "fusedact ms [p20, p80]", "GB/s"] + ["% copy"] * show_copy
     cells += [f"vs {p}" for p in others] + [f"err {p}" for p in providers]
     align = ["---"] * 4 + ["--:"] * (len(cells) - 4)
     return "| " + " | ".join(cells) + " |\n|" + "|".join(align) + "|"
 
 
-def sweep_row(record: dict, providers: Sequence[str]) -> str:
+def sweep_row(record: dict, providers: Sequence[str], show_copy: bool = True) -> str:
     """One markdown row: fusedact's time, bandwidth, speedup over each provider, every provider's error."""
     fused = record["providers"].get("fusedact", {})
     if "ms" in fused:
         median, p20, p80 = fused["ms"]
         time_cell = f"{median:.4f} [{p20:.4f}, {p80:.4f}]"
-        rate, share = f"{fused['gbps']:.0f}", f"{fused['pct_copy']:.0f}"
+        rate = f"{fused['gbps']:.0f}"
+        share = "–" if fused.get("pct_copy") is None else f"{fused['pct_copy']:.0f}"
     else:
         time_cell, rate, share = fused.get("failed", "–"), "–", "–"
     cells = [
@@ -170,8 +180,7 @@ def sweep_row(record: dict, providers: Sequence[str]) -> str:
         f"{record['input_bytes'] / 2**20:.1f}",
         time_cell,
         rate,
-        share,
-    ]
+    ] + [share] * show_copy
     for provider in (p for p in providers if p != "fusedact"):
         entry = record["providers"].get(provider)
         if entry is None:
@@ -194,6 +203,29 @@ the output (fwd), or of the input gradients / the bias gradients (bwd, fwd+bwd);
 formula in float64 on the same inputs (a bias gradient sums every row: its error grows with the rows).
 –: not measured at this point (torch.compile runs at --compile-shapes only; Liger only has SwiGLU and GeGLU,
 without bias)."""
+CPU_LEGEND = """\
+CPU: the PyTorch fallback against eager PyTorch, both on this CPU; not the Triton kernels. The providers
+of a point are timed in rounds (every provider once per round, the order rotating), so vs P is the median
+of P's time over fusedact's round by round; errors are measured on the first rows of the inputs only."""
+
+
+def cpu_ratio_table(records: Sequence[dict], provider: str = "eager") -> str:
+    """fusedact's time over ``provider``'s on the CPU, round by round: median and 20-80 % range (issue 14's
+    goal for the fallback: at most 1.05 against eager in every dtype and mode)."""
+    lines = [
+        f"| op | dtype | shape | mode | fusedact ms | {provider} ms | fusedact / {provider} [p20, p80] | rounds |",
+        "|---|---|---|---|--:|--:|--:|--:|",
+    ]
+    for record in records:
+        ratios = record.get("paired", {}).get(provider)
+        if ratios is None:
+            continue
+        fused, other = record["providers"]["fusedact"]["ms"][0], record["providers"][provider]["ms"][0]
+        median, p20, p80 = (1 / value for value in ratios)  # fusedact / P: the reciprocal's p80 is its p20
+        cells = [record["op"], record["dtype"], f"{record['rows']}x{record['cols']}", record["mode"]]
+        cells += [f"{fused:.3f}", f"{other:.3f}", f"{median:.3f} [{p80:.3f}, {p20:.3f}]", str(record["rounds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def failures(report: dict) -> list[str]:
@@ -276,7 +308,10 @@ def _pct_copy(record: dict) -> Optional[float]:
 
 
 def check_targets(report: dict) -> list[dict]:
-    """The issue's targets, each with the worst point measured (results for inputs of 64 MiB and more)."""
+    """The issue's targets, each with the worst point measured (results for inputs of 64 MiB and more).
+    GPU targets only: nothing (an empty list) for a run on any other device."""
+    if report["metadata"]["device_type"] != "cuda":
+        return []
     large = [r for r in report["results"] if r["input_bytes"] >= TARGET_MIN_BYTES]
     kernels = [r for r in large if r["mode"] != "fwd+bwd"]
     bias_act_fwd = [r for r in large if r["layout"] == "bias" and r["mode"] == "fwd"]
@@ -354,12 +389,19 @@ def markdown_report(report: dict, plot_files: Sequence[str] = ()) -> str:
               f"median time): **{copy['gbps']:.0f} GB/s** (median {copy['ms'][0]:.3f} ms)."]  # fmt: skip
     for note in report["notes"]:
         parts += ["", f"Note: {note}"]
-    parts += ["", "## Targets (inputs of 64 MiB and more)", ""]
-    if metadata["device_type"] != "cuda":
-        parts += ["CPU run: the targets are for an H100; shown here only to exercise the check.", ""]
-    parts += [targets_table(report["targets"]), "", "## Time, bandwidth and error", ""]
+    gpu = metadata["device_type"] == "cuda"
+    if gpu:
+        parts += ["", "## Targets (inputs of 64 MiB and more)", "", targets_table(report["targets"])]
+    else:
+        parts += ["", "## Targets: not judged on CPU", "", CPU_NOTE + "."]
+    parts += ["", "## Time, bandwidth and error", ""]
     providers = providers_in(report["results"])
-    parts += [sweep_header(providers), *(sweep_row(r, providers) for r in report["results"]), "", SWEEP_LEGEND]
+    rows = [sweep_row(r, providers, show_copy=gpu) for r in report["results"]]
+    parts += [sweep_header(providers, show_copy=gpu), *rows, "", SWEEP_LEGEND]
+    if not gpu:
+        parts += ["", CPU_LEGEND]
+        if any("paired" in r for r in report["results"]):
+            parts += ["", "## CPU path: fusedact / eager time", "", cpu_ratio_table(report["results"])]
     failed = failures(report)
     if failed:
         parts += ["", "## Failures", ""] + [f"- {line}" for line in failed]
@@ -375,7 +417,8 @@ def markdown_report(report: dict, plot_files: Sequence[str] = ()) -> str:
 
 CSV_FIELDS = [
     "op", "dtype", "rows", "cols", "mode", "provider", "bytes", "input_bytes", "ms_median", "ms_p20", "ms_p80",
-    "gbps", "pct_copy", "fusedact_speedup", "err_output", "err_input_grad", "err_bias_grad", "failed",
+    "gbps", "pct_copy", "fusedact_speedup", "speedup_p20", "speedup_p80", "err_output", "err_input_grad",
+    "err_bias_grad", "failed",
 ]  # fmt: skip
 
 
@@ -391,6 +434,8 @@ def csv_rows(results: Iterable[dict]) -> Iterable[dict]:
                 row.update(ms_median=entry["ms"][0], ms_p20=entry["ms"][1], ms_p80=entry["ms"][2])
                 row.update(gbps=entry["gbps"], pct_copy=entry["pct_copy"])
                 row["fusedact_speedup"] = 1.0 if provider == "fusedact" else record["speedup"].get(provider)
+                if provider in record.get("paired", {}):  # CPU: the 20-80 % range of the per-round ratios
+                    row["speedup_p20"], row["speedup_p80"] = record["paired"][provider][1:]
                 errors = entry["errors"]
                 row.update(err_output=errors["output"], err_input_grad=errors["input_grad"])
                 row["err_bias_grad"] = errors.get("bias_grad")
@@ -418,7 +463,8 @@ def write_report(report: dict, out_dir: Path, with_plots: bool) -> list[Path]:
 
 def write_plots(report: dict, out_dir: Path, slug: str) -> list[Path]:
     """Per dtype: GB/s against input size (one panel per op and mode, the copy bandwidth as a line), and
-    fusedact's speedup over every other provider. Nothing (with a note) when matplotlib is missing."""
+    fusedact's speedup over every other provider. Nothing (with a note) when matplotlib is missing, or
+    for a dtype whose results have one size (a curve needs two: the CPU's default sweep)."""
     try:
         import matplotlib
 
@@ -431,6 +477,8 @@ def write_plots(report: dict, out_dir: Path, slug: str) -> list[Path]:
     results = [r for r in report["results"] if "fusedact" in r["providers"]]
     for dtype in dict.fromkeys(r["dtype"] for r in results):
         records = [r for r in results if r["dtype"] == dtype]
+        if len({r["input_bytes"] for r in records}) < 2:
+            continue
         for kind in ("gbps", "speedup"):
             figure = _plot_grid(plt, records, kind, report["copy_bandwidth"]["gbps"])
             title = "GB/s (minimal bytes / median time)" if kind == "gbps" else "fusedact speedup (time P / fusedact)"
@@ -521,7 +569,9 @@ class Progress:
             self.bar.close()
 
 
-def out_dir_from(argument: Optional[str], metadata: dict) -> Optional[Path]:
+def out_dir_from(argument: Optional[str], metadata: dict) -> Path:
+    """Where a run writes: ``--out DIR``; ``--out`` alone: ``bench/results/<device>-<date>/`` (results to
+    commit); no ``--out``: ``bench-results/<device>-<date>/`` at the repository root (git-ignored)."""
     if argument is None:
-        return None
+        return default_out_dir(metadata, LOCAL_RESULTS_DIR)
     return default_out_dir(metadata) if argument == "" else Path(os.path.expanduser(argument))

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,7 +217,8 @@ def test_targets_report_the_worst_point_and_whether_it_is_met():
         {"op": "gelu", "mode": "fwd", "provider": "eager", "us_per_call": 10.0},
     ]
     memory = [{"block": "swiglu-mlp", "provider": p, "peak_bytes": b} for p, b in [("fusedact", 3), ("eager", 4)]]
-    targets = report.check_targets({"results": results, "host_overhead": overhead, "memory": memory})
+    gpu_run = {"metadata": {"device_type": "cuda"}, "results": results, "host_overhead": overhead, "memory": memory}
+    targets = report.check_targets(gpu_run)
     worst_and_met = {t["target"]: (t["worst"], t["met"]) for t in targets}
     copy = targets[0]
     assert (copy["target"], copy["worst"], copy["met"], copy["points"]) == (
@@ -236,6 +238,19 @@ def test_targets_report_the_worst_point_and_whether_it_is_met():
     assert worst_and_met["swiglu-mlp peak memory < eager's (fusedact / eager)"] == (0.75, True)
     table = report.targets_table(targets)
     assert "| **no** |" in table and "| yes |" in table
+    # The same numbers from a CPU run judge nothing: the targets are the GPU kernels'.
+    assert report.check_targets({**gpu_run, "metadata": {"device_type": "cpu"}}) == []
+
+
+def test_cpu_ratio_table_gives_fusedact_over_eager_from_the_paired_ratios():
+    report = import_bench("report")
+    record = made_up_record(mode="fwd")
+    record["paired"], record["rounds"] = {"eager": [2.0, 1.6, 2.5]}, 5  # eager / fusedact, round by round
+    table = report.cpu_ratio_table([record, made_up_record(mode="bwd")])  # the unpaired record: no row
+    lines = table.splitlines()
+    assert len(lines) == 3
+    # fusedact / eager = 1 / (eager / fusedact): the median 0.5, its 20-80 % range [1 / 2.5, 1 / 1.6].
+    assert lines[2] == "| gelu | bf16 | 8192x8192 | fwd | 1.000 | 2.000 | 0.500 [0.400, 0.625] | 5 |"
 
 
 def test_tables_and_csv_show_failures_and_both_gradient_errors():
@@ -252,6 +267,89 @@ def test_tables_and_csv_show_failures_and_both_gradient_errors():
     assert report.failures({"results": [record]}) == [
         "compile: OutOfMemoryError: CUDA out of memory (1 points, e.g. gelu bf16 8192x8192)"
     ]
+
+
+def test_cpu_rows_leave_out_percent_of_copy():
+    report = import_bench("report")
+    record = made_up_record()
+    record["providers"]["fusedact"]["pct_copy"] = None
+    providers = report.providers_in([record])
+    header, row = report.sweep_header(providers, show_copy=False), report.sweep_row(record, providers, show_copy=False)
+    assert "% copy" not in header and row.count("|") == header.splitlines()[0].count("|")
+    assert "% copy" in report.sweep_header(providers)
+
+
+def test_default_output_is_the_git_ignored_folder():
+    report = import_bench("report")
+    metadata = {"device": "CPU: x", "date": "2026-12-01T10:00:00+00:00"}
+    assert report.out_dir_from(None, metadata) == ROOT / "bench-results" / "cpu-2026-12-01"
+    assert report.out_dir_from("", metadata) == ROOT / "bench" / "results" / "cpu-2026-12-01"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench-results/x.json"], cwd=ROOT)
+    assert ignored.returncode == 0, "bench-results/ must be git-ignored"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timers, on calls whose cost the test controls
+
+
+def test_paired_rounds_time_every_call_once_per_round_in_rotating_order():
+    timing = import_bench("timing")
+    log = []
+
+    def call_of(name):
+        def call():
+            time.sleep(1.2 * timing.MIN_SAMPLE_S)  # longer than a sample: one call per sample
+            log.append(name)
+
+        return call
+
+    calls = {name: call_of(name) for name in ("a", "b", "c")}
+    samples = timing.paired_cpu_ms(calls, budget_s=0.0, min_rounds=4)
+    assert {name: len(times) for name, times in samples.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(times_ms >= 1.2 for times in samples.values() for times_ms in times)
+    rounds = log[3:]  # after one calibrating call each
+    assert rounds == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"], "each round starts one later"
+
+
+def test_paired_ratios_are_taken_round_by_round():
+    timing = import_bench("timing")
+    # b is 2x a in every round although the machine slows down 10x in the last two rounds.
+    samples = {"a": [1.0, 1.0, 1.0, 10.0, 10.0], "b": [2.0, 2.0, 2.0, 20.0, 20.0]}
+    assert timing.paired_ratios(samples, "b", "a") == pytest.approx([2.0, 2.0, 2.0])
+    assert timing.quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx([3.0, 1.8, 4.2])
+
+
+class HostClockEvent:
+    """A stand-in for ``torch.cuda.Event`` on the host clock, logging each record."""
+
+    log: list = []
+
+    def record(self) -> None:
+        self.time = time.perf_counter()
+        HostClockEvent.log.append("event")
+
+    def elapsed_time(self, end: "HostClockEvent") -> float:
+        return (end.time - self.time) * 1e3
+
+
+def test_gpu_timer_reads_the_flush_buffer_before_every_timed_call(monkeypatch):
+    """The GPU timer's logic on the host: a read flush, then the events around exactly one call."""
+    timing = import_bench("timing")
+    log = HostClockEvent.log
+    log.clear()
+    monkeypatch.setattr(timing, "read_flush", lambda buffer: log.append("flush"))
+
+    def call():
+        time.sleep(2e-4)
+        log.append("call")
+
+    ms = timing.gpu_time_ms(call, rep_ms=4.0, flush=torch.empty(0), event=HostClockEvent, synchronize=lambda: None)
+    timed = "".join("F" if e == "flush" else "E" if e == "event" else "c" for e in log)
+    tail = timed[timed.rindex("c" * 2) + 2 :]  # after the warm-up calls (no flush: not timed)
+    assert tail and set(tail.split("FEcE")) == {""}, timed
+    assert len(tail) // 4 >= timing.MIN_TIMED_CALLS
+    median, p20, p80 = ms
+    assert 0.2 <= p20 <= median <= p80 < 50, ms
 
 
 def test_device_slug():
@@ -281,7 +379,9 @@ SANE_ERRORS = {
 def test_quick_cpu_run_writes_every_report(tmp_path):
     out = tmp_path / "results"
     ops, dtypes = ["gelu", "swiglu_bias", "swiglu_packed"], ["fp32", "bf16"]
-    done = run_bench("--quick", "--device", "cpu", "--ops", *ops, "--dtypes", *dtypes, "--rep-ms", "2", "--out", out)
+    shapes = ["64x128", "256x1024"]  # two sizes: a curve to plot
+    argv = ["--device", "cpu", "--ops", *ops, "--dtypes", *dtypes, "--shapes", *shapes, "--rep-ms", "2"]
+    done = run_bench("--quick", *argv, "--out", out)
     assert done.returncode == 0, done.stderr
     assert "| op | dtype | shape | mode |" in done.stdout and "fusedact ms" in done.stdout
 
@@ -291,16 +391,19 @@ def test_quick_cpu_run_writes_every_report(tmp_path):
         assert report["metadata"][key]
     assert report["copy_bandwidth"]["gbps"] > 0
     results = report["results"]
-    assert len(results) == len(ops) * len(dtypes) * 3
+    assert len(results) == len(ops) * len(dtypes) * len(shapes) * 2
     assert {(r["op"], r["dtype"], r["mode"]) for r in results} == {
-        (op, dtype, mode) for op in ops for dtype in dtypes for mode in ("fwd", "bwd", "fwd+bwd")
-    }
+        (op, dtype, mode) for op in ops for dtype in dtypes for mode in ("fwd", "fwd+bwd")
+    }, "the CPU's default modes: forward, and forward + backward"
     for record in results:
         assert set(record["providers"]) == {"fusedact", "eager"}, "torch.compile on the CPU only when asked"
+        assert record["rounds"] >= 5 and set(record["paired"]) == {"eager"}
+        ratio_median, ratio_p20, ratio_p80 = record["paired"]["eager"]
+        assert 0 < ratio_p20 <= ratio_median <= ratio_p80 and record["speedup"]["eager"] == ratio_median
         for provider, entry in record["providers"].items():
             median, p20, p80 = entry["ms"]
             assert 0 < p20 <= median <= p80, (provider, entry["ms"])
-            assert entry["gbps"] > 0 and entry["pct_copy"] > 0
+            assert entry["gbps"] > 0 and entry["pct_copy"] is None, "no % of copy on the CPU"
             for key, bound in SANE_ERRORS[record["dtype"]].items():
                 assert entry["errors"].get(key, 0.0) < bound, (record["op"], record["dtype"], provider, entry["errors"])
         assert record["speedup"]["eager"] > 0
@@ -315,13 +418,16 @@ def test_quick_cpu_run_writes_every_report(tmp_path):
         (op, p, m) for op in ("gelu", "swiglu") for p in ("fusedact", "eager") for m in ("fwd", "fwd+bwd")
     }
     assert all(r["us_per_call"] > 0 for r in report["host_overhead"])
-    assert report["targets"] and report["skipped"] == []
+    assert report["targets"] == [] and report["skipped"] == [], "GPU targets are not judged on the CPU"
+    assert "not the Triton kernels" in done.stdout and "## CPU path: fusedact / eager time" in done.stdout
+    assert "**no**" not in done.stdout and "| yes |" not in done.stdout
 
     csv_lines = (out / "cpu.csv").read_text().splitlines()
     assert csv_lines[0].startswith("op,dtype,rows,cols,mode,provider,bytes")
     assert len(csv_lines) == 1 + 2 * len(results)
     markdown = (out / "cpu.md").read_text()
-    for heading in ("# fusedact benchmark: CPU", "## Targets", "## Time, bandwidth and error", "## Host overhead"):
+    headings = ("# fusedact benchmark: CPU", "## Targets: not judged on CPU", "## Time, bandwidth and error")
+    for heading in (*headings, "## CPU path: fusedact / eager time", "## Host overhead"):
         assert heading in markdown
     if importlib.util.find_spec("matplotlib") is not None:
         assert {p.name for p in out.glob("*.png")} == {f"cpu-{k}-{d}.png" for k in ("gbps", "speedup") for d in dtypes}
