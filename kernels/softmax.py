@@ -107,9 +107,12 @@ def softmax_fwd_kernel(
     LOG: tl.constexpr,  # log_softmax instead of softmax
     HAS_BIAS: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # num_cols <= BLOCK_N: one read of each row
+    VECTOR: tl.constexpr,  # num_cols and the row strides are multiples of it (see kernels.templates)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    num_cols = num_cols // VECTOR * VECTOR
+    stride_x_outer = stride_x_outer // VECTOR * VECTOR
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < num_rows
@@ -189,10 +192,14 @@ def softmax_bwd_row_sums_kernel(
     stride_y_col,
     stride_y_inner,
     LOG: tl.constexpr,
+    VECTOR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """First pass of the backward of rows longer than one block: one program per block of rows."""
+    num_cols = num_cols // VECTOR * VECTOR
+    stride_grad_y_outer = stride_grad_y_outer // VECTOR * VECTOR
+    stride_y_outer = stride_y_outer // VECTOR * VECTOR
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < num_rows
@@ -230,11 +237,15 @@ def softmax_bwd_kernel(
     LOG: tl.constexpr,
     HAS_ROW_SUMS: tl.constexpr,  # else BLOCK_N covers the row
     COMPUTE_GRAD_BIAS: tl.constexpr,
+    VECTOR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """A program owns ``rows_per_program`` rows and one block of columns (the whole row without
     HAS_ROW_SUMS); the flat grid is row_groups x column_blocks."""
+    num_cols = num_cols // VECTOR * VECTOR
+    stride_grad_y_outer = stride_grad_y_outer // VECTOR * VECTOR
+    stride_y_outer = stride_y_outer // VECTOR * VECTOR
     pid = tl.program_id(0).to(tl.int64)
     num_col_blocks = tl.cdiv(num_cols, BLOCK_N)
     row_group = pid // num_col_blocks

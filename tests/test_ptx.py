@@ -13,7 +13,7 @@ These tests hold the facts that decide bandwidth, so a change that loses them fa
 - **No spills**, and registers under ``REGISTER_CEILING`` (128: two blocks of 8 warps per SM at least).
 - **No barrier inside a loop**: a backward accumulates its bias gradient in a tile and reduces it once.
 
-Compiles ~40 kernel variants with Triton's ptxas: about 30 s on a 2-core CPU.
+Compiles ~50 kernel variants with Triton's ptxas: about 30 s on a 2-core CPU.
 """
 
 import importlib.util
@@ -50,6 +50,8 @@ CASES = {
     "gated-bwd-packed": ("swish", 0, False),
 }
 FP32_CASES = ["act-fwd", "gated-bwd-bias"]
+SOFTMAX_CASES = {"softmax-fwd": "softmax", "softmax-bwd-bias": "log"}
+SOFTMAX_WIDTHS = [4096, 760, 1128, 11007, 32768]
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,14 +63,19 @@ def compiled():
     process without ``TRITON_INTERPRET`` (the tests' own process has the interpreted kernels)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     facts = {}
-    for dtype, cases, widths in (("bf16", CASES, WIDTHS), ("fp32", FP32_CASES, [1128])):
-        specs = [f"{case}:{CASES[case][0]}" for case in cases]
+    softmax_specs = [f"{case}:{activation}" for case, activation in SOFTMAX_CASES.items()]
+    runs = (("bf16", [f"{case}:{CASES[case][0]}" for case in CASES], WIDTHS),
+            ("fp32", [f"{case}:{CASES[case][0]}" for case in FP32_CASES], [1128]),
+            ("bf16", softmax_specs, SOFTMAX_WIDTHS))  # fmt: skip
+    for dtype, specs, widths in runs:
         command = [sys.executable, "-m", "bench.ptx_report", "--json", "--dtypes", dtype, "--cases", *specs]
         command += ["--widths", *map(str, widths)]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         for record in json.loads(done.stdout):
-            facts[record["case"], record["activation"], record["dtype"], record["width"]] = record
+            facts.setdefault((record["case"], record["activation"], record["dtype"], record["width"]), []).append(
+                record
+            )
     return facts
 
 
@@ -84,7 +91,7 @@ def _narrower(widths, width):
 @pytest.mark.parametrize("case", list(CASES))
 def test_compiled_code(compiled, case, width):
     activation, channel_vectors, flat = CASES[case]
-    facts = compiled[case, activation, "bf16", width]
+    (facts,) = compiled[case, activation, "bf16", width]
     where = f"{case} {activation} bf16 at {width} columns ({facts['kernel']}, {facts['constants']})"
     assert facts["constants"]["FLAT"] == flat, where
     assert facts["spill_stores"] == 0 and facts["spill_loads"] == 0, f"{where}: spills"
@@ -113,7 +120,25 @@ def test_compiled_code(compiled, case, width):
 @pytest.mark.parametrize("case", FP32_CASES)
 def test_fp32_is_16_bytes_wide(compiled, case):
     """fp32 rows of 1128 columns (a multiple of 4): 16-byte accesses too."""
-    facts = compiled[case, CASES[case][0], "fp32", 1128]
+    (facts,) = compiled[case, CASES[case][0], "fp32", 1128]
     loads, stores = _widths(facts["loads"]), _widths(facts["stores"])
     assert max(stores) == 16 and max(loads) == 16, f"{case} fp32: {loads} {stores}"
     assert facts["spill_stores"] == 0 and facts["registers"] < REGISTER_CEILING
+
+
+@pytest.mark.parametrize("width", SOFTMAX_WIDTHS)
+@pytest.mark.parametrize("case", list(SOFTMAX_CASES))
+def test_softmax_compiled_code(compiled, case, width):
+    """Softmax rows: as wide as the rows' alignment allows, no spills, under the register ceiling (rows past
+    one block also run the backward's row-sums kernel). Their row reductions stay inside the row loop."""
+    widest = ELEMENT_SIZE * vector_width(ELEMENT_SIZE, width)
+    for facts in compiled[case, SOFTMAX_CASES[case], "bf16", width]:
+        where = f"{case} bf16 at {width} columns ({facts['kernel']}, {facts['constants']})"
+        assert facts["spill_stores"] == 0 and facts["spill_loads"] == 0, f"{where}: spills"
+        assert facts["registers"] < REGISTER_CEILING, f"{where}: {facts['registers']} registers"
+        loads, stores = _widths(facts["loads"]), _widths(facts["stores"])
+        stores.pop(4, None)  # fp32 row sums and partial bias sums
+        if widest != 4:
+            loads.pop(4, None)  # the fp32 row sums, read back
+        assert max(loads) == widest, f"{where}: widest load {max(loads)} B, expected {widest}"
+        assert not stores or max(stores) == widest, f"{where}: stores {stores}"

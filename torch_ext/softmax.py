@@ -68,6 +68,16 @@ def _launch_shape(t3: Tensor) -> tuple[int, int, int, int, int]:
     return num_rows, num_cols, inner, block_m, block_n
 
 
+def _vector(element_size: int, *tensors3: Tensor) -> int:
+    """``VECTOR`` for rows along the last dimension (see ``kernels.vector_width``): the column count and
+    every tensor's row stride are multiples of it. A softmax over another dimension reads its columns
+    ``inner`` apart: 1."""
+    outer, num_cols, inner = tensors3[0].shape
+    if inner != 1:
+        return 1
+    return ops._triton.vector_width(element_size, num_cols, *(t.stride(0) for t in tensors3))
+
+
 def _softmax_triton(x: Tensor, bias: Optional[Tensor], dim: int, log: bool) -> Tensor:
     x3 = _rows(x, dim)
     num_rows, num_cols, inner, block_m, block_n = _launch_shape(x3)
@@ -75,8 +85,8 @@ def _softmax_triton(x: Tensor, bias: Optional[Tensor], dim: int, log: bool) -> T
     ops._triton.launch(
         softmax_fwd_kernel, (triton.cdiv(num_rows, block_m),), x.device,
         x3, ops._triton.vector_argument(bias), y, num_rows, num_cols, inner, x3.stride(0), x3.stride(1), x3.stride(2),
-        LOG=log, SINGLE_BLOCK=num_cols <= block_n, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=softmax_num_warps(block_m, block_n),
+        LOG=log, SINGLE_BLOCK=num_cols <= block_n, VECTOR=_vector(x.element_size(), x3),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=softmax_num_warps(block_m, block_n),
     )  # fmt: skip
     return y
 
@@ -86,15 +96,21 @@ def _softmax_backward_triton(
 ) -> tuple[Tensor, Tensor]:
     grad_y3, y3 = _rows(grad_y, dim), _rows(y, dim)
     num_rows, num_cols, inner, block_m, block_n = _launch_shape(y3)
-    num_warps = softmax_num_warps(block_m, block_n)
     strides = (*grad_y3.stride(), *y3.stride())
+    vector = _vector(y.element_size(), y3, grad_y3)
+    num_warps = softmax_num_warps(block_m, block_n)
+    if num_cols > block_n and vector == 1:
+        # Long rows that cannot be read 16 bytes at a time (an odd width): half a block over as many
+        # warps keeps the backward's element-wise operands in registers (a full one spills); the row sums
+        # are computed first either way, so the smaller block reads nothing twice.
+        block_n //= 2
     row_sums = None
     if num_cols > block_n:  # long rows: their sums first, then a grid over row groups and column blocks
         row_sums = torch.empty(num_rows, dtype=torch.float32, device=y.device)
         ops._triton.launch(
             softmax_bwd_row_sums_kernel, (triton.cdiv(num_rows, block_m),), y.device,
             grad_y3, y3, row_sums, num_rows, num_cols, inner, *strides,
-            LOG=log, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            LOG=log, VECTOR=vector, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
     if compute_grad_bias:
         row_groups, rows_per_program = ops._triton.row_groups(num_rows, num_cols, block_m, block_n, y.device)
@@ -105,7 +121,8 @@ def _softmax_backward_triton(
     ops._triton.launch(
         softmax_bwd_kernel, (row_groups * triton.cdiv(num_cols, block_n),), y.device,
         grad_y3, y3, row_sums, grad_x, partial, num_rows, num_cols, inner, *strides, rows_per_program,
-        LOG=log, COMPUTE_GRAD_BIAS=compute_grad_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        LOG=log, COMPUTE_GRAD_BIAS=compute_grad_bias, VECTOR=vector, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps,
     )  # fmt: skip
     # The partial sums, reduced in a fixed order and rounded once: bitwise the same on every run.
     grad_bias = partial.sum(0).to(y.dtype) if compute_grad_bias else y.new_empty(0)
