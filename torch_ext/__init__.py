@@ -9,6 +9,14 @@
 CUDA tensors run the Triton kernels; CPU tensors run a PyTorch fallback with the same numerics.
 """
 
+import warnings
+
+# Without numpy (not a dependency), `import torch` itself warns "Failed to initialize NumPy" (pytorch#115638),
+# once per process; nothing in fusedact uses numpy. Importing torch here first keeps `import fusedact` quiet.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from . import functional, nn, ops
 from .functional import (
     bias_act,
