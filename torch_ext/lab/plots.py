@@ -83,29 +83,64 @@ def _file_name(spec: ActivationSpec) -> str:
 
 
 def _draw(axis, spec: ActivationSpec, x, y, derivative, row: dict, flat_below: float, small: bool = False) -> None:
+    """f (solid) and f' (dashed) with the flat zone shaded and the points at x = 1 marked.
+
+    The values at 1 are written in the legend (a small plot: its title), outside the axes, so no label can
+    cover a curve whatever its shape.
+    """
     x, y, derivative = x.cpu().double().numpy(), y.cpu().double().numpy(), derivative.cpu().double().numpy()
+    value, slope = row["f(1)"], row["f'(1)"]
     axis.axhline(0.0, color="0.8", linewidth=0.8)
     axis.axvline(0.0, color="0.8", linewidth=0.8)
-    for start, end in row["flat_regions"]:
-        axis.axvspan(start, end, color="tab:red", alpha=0.12, linewidth=0)
-    axis.plot(x, y, color="tab:blue", label="f(x)")
-    axis.plot(x, derivative, color="tab:orange", linestyle="--", label="f'(x)")
-    axis.plot([1.0, 1.0], [row["f(1)"], row["f'(1)"]], "o", color="black", markersize=3)
-    font = 7 if small else 9
-    value, slope = row["f(1)"], row["f'(1)"]
-    # The higher of the two points is labelled above it, the lower below, so the labels never overlap.
-    value_offset, slope_offset = ((6, 4), (6, -11)) if value >= slope else ((6, -11), (6, 4))
-    axis.annotate(f"f(1)={value:.4g}", (1.0, value), value_offset, textcoords="offset points", fontsize=font)
-    axis.annotate(
-        f"f'(1)={slope:.4g}", (1.0, slope), slope_offset, textcoords="offset points", fontsize=font, color="tab:orange"
-    )
+    axis.axvline(1.0, color="0.6", linewidth=0.6, linestyle=":")
+    for index, (start, end) in enumerate(row["flat_regions"]):
+        label = f"flat: |f'(x)| < {flat_below:g}" if index == 0 else None
+        axis.axvspan(start, end, color="tab:red", alpha=0.12, linewidth=0, label=label)
+    axis.plot(x, y, color="tab:blue", label=f"f(x); f(1) = {value:.4g}")
+    axis.plot(x, derivative, color="tab:orange", linestyle="--", label=f"f'(x); f'(1) = {slope:.4g}")
+    axis.plot([1.0], [value], "o", color="tab:blue", markersize=4 if not small else 3)
+    axis.plot([1.0], [slope], "o", color="tab:orange", markersize=4 if not small else 3)
     low = min(y.min(), derivative.min(), -0.5)
     high = max(min(y.max(), x.max()), derivative.max(), 1.5)
     axis.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
-    axis.set_title(spec.label, fontsize=font + 1)
-    if not small:
-        axis.set_xlabel("x")
-        axis.legend(loc="upper left", fontsize=8, title=f"shaded: |f'(x)| < {flat_below:g}", title_fontsize=8)
+    if small:
+        axis.set_title(f"{spec.label}\nf(1) = {value:.4g}, f'(1) = {slope:.4g}", fontsize=7)
+        return
+    axis.set_title(spec.label, fontsize=10, pad=30)
+    axis.set_xlabel("x")
+    axis.set_ylabel("f(x) and f'(x)")
+    handles, labels = axis.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda index: labels[index].startswith("flat"))  # the curves first
+    # Above the axes, in one row: never over a curve.
+    axis.legend(
+        [handles[index] for index in order],
+        [labels[index] for index in order],
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0),
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+        borderaxespad=0.3,
+    )
+
+
+def activation_figure(spec: ActivationSpec, x, y, derivative, row: dict, flat_below: float):
+    """The figure of one activation's PNG (a matplotlib ``Figure``; the caller saves and closes it)."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    _draw(axis, spec, x, y, derivative, row, flat_below)
+    figure.tight_layout()
+    return figure
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise LabError("plots need matplotlib: pip install 'fusedact[lab]'") from None
+    matplotlib.use("Agg")
+    return matplotlib
 
 
 def plot_activations(
@@ -155,27 +190,25 @@ def plot_activations(
     if out_dir is None:
         return rows
 
-    import matplotlib
-
-    matplotlib.use("Agg")
+    _matplotlib()
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
     for spec, y, derivative, row in curves:
-        figure, axis = plt.subplots(figsize=(5.5, 4))
-        _draw(axis, spec, x, y, derivative, row, flat_below)
-        figure.tight_layout()
+        figure = activation_figure(spec, x, y, derivative, row, flat_below)
         row["file"] = os.path.join(out_dir, _file_name(spec))
         figure.savefig(row["file"], dpi=110)
         plt.close(figure)
 
     columns = min(4, len(curves))
     grid_rows = -(-len(curves) // columns)
-    figure, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 2.6 * grid_rows), squeeze=False)
+    figure, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 2.8 * grid_rows), squeeze=False)
     for axis in axes.flat[len(curves) :]:
         axis.set_visible(False)
     for axis, (spec, y, derivative, row) in zip(axes.flat, curves, strict=False):
         _draw(axis, spec, x, y, derivative, row, flat_below, small=True)
+    for axis in axes[:, 0]:
+        axis.set_ylabel("f(x), f'(x)", fontsize=8)
     figure.suptitle(f"fusedact activations (blue) and derivatives (orange); shaded: |f'(x)| < {flat_below:g}")
     figure.tight_layout()
     figure.savefig(os.path.join(out_dir, "overview.png"), dpi=100)

@@ -1,9 +1,10 @@
 """Activation specs as the lab's commands take them: ``name`` or ``name:key=value,key=value``.
 
 ``name`` is one of ``fusedact.functional.ACTIVATIONS`` (plus the shorthands in ``ALIASES``); the keywords are
-that activation's own (``leaky_relu:negative_slope=0.2``, ``gelu:approximate=tanh``, ``swish:beta=1.702``).
-Every spec is checked by running it once through ``fusedact.bias_act``, so a typo fails here, with the
-list of valid names, before any model is built.
+that activation's own (``leaky_relu:negative_slope=0.2``, ``gelu:approximate=tanh``, ``swish:beta=1.702``),
+the keyword arguments of its public function (``fusedact.leaky_relu``). Every spec is checked against them
+and run once through ``fusedact.bias_act``, so a typo fails here, with the valid names or keywords, before
+any model is built.
 
     >>> spec = parse_activation("leaky_relu:negative_slope=0.2")
     >>> spec.label, spec.params
@@ -11,6 +12,7 @@ list of valid names, before any model is built.
 """
 
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,11 +21,11 @@ from torch import Tensor
 
 from .. import functional
 
-# Shorthands for the variants people ask for by name.
+# Shorthands for the variants people ask for by name (accepted, not listed among the names: each is a
+# setting of one of them).
 ALIASES = {
     "gelu_tanh": ("gelu", {"approximate": "tanh"}),
     "gelu_new": ("gelu", {"approximate": "tanh"}),
-    "swish_1.702": ("swish", {"beta": 1.702}),
 }
 
 # The gated activations take a packed [gate | up] input of twice the width they return.
@@ -75,8 +77,24 @@ def _parse_value(text: str):
 
 
 def known_activations() -> list[str]:
-    """Every name ``parse_activation`` accepts."""
-    return list(functional.ACTIVATIONS) + list(ALIASES)
+    """The activation names ``parse_activation`` accepts, without the shorthands of ``ALIASES``."""
+    return list(functional.ACTIVATIONS)
+
+
+def accepted_parameters(name: str) -> list[str]:
+    """The keywords activation ``name`` takes: those of its public function after the tensors (for a gated
+    one, of its packed form, which is what ``bias_act`` runs), e.g. ``["negative_slope"]`` for leaky_relu.
+
+    >>> accepted_parameters("heaviside"), accepted_parameters("relu")
+    (['value', 'straight_through'], [])
+    """
+    function = getattr(functional, f"{name}_packed", None) or getattr(functional, name)
+    return [
+        parameter.name
+        for parameter in inspect.signature(function).parameters.values()
+        # x and bias are the tensors; dim is bias_act's own argument (glu splits the last dimension only).
+        if parameter.default is not inspect.Parameter.empty and parameter.name not in ("bias", "dim")
+    ]
 
 
 def parse_activation(text: str) -> ActivationSpec:
@@ -96,9 +114,20 @@ def parse_activation(text: str) -> ActivationSpec:
         alias_name, alias_params = ALIASES[name]
         name, params = alias_name, {**alias_params, **params}
     if name not in functional.ACTIVATIONS:
-        close = difflib.get_close_matches(name, known_activations(), n=1)
+        close = difflib.get_close_matches(name, [*known_activations(), *ALIASES], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise LabError(f"unknown activation {name!r}{hint}; choose from: {', '.join(known_activations())}")
+        shorthands = ", ".join(f"{alias} = {ActivationSpec(*ALIASES[alias]).label}" for alias in ALIASES)
+        raise LabError(
+            f"unknown activation {name!r}{hint}; choose from: {', '.join(known_activations())} "
+            f"(shorthands: {shorthands})"
+        )
+    unexpected = [key for key in params if key not in accepted_parameters(name)]
+    if unexpected:
+        accepted = accepted_parameters(name)
+        takes = f"it takes: {', '.join(accepted)}" if accepted else "it takes no parameters"
+        raise LabError(
+            f"activation {text!r}: unexpected keyword {', '.join(map(repr, unexpected))} for {name}; {takes}"
+        )
     return check_activation(ActivationSpec(name, params), text)
 
 
