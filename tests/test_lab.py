@@ -431,7 +431,7 @@ def test_experiment_trains_on_one_cpu_thread_and_restores_the_setting():
 
 def test_experiment_quick_mode(tmp_path, capsys):
     """--quick is QUICK's activations and epochs on the default network; explicit options win over it. The
-    real --quick (3000 samples) takes 5-10 s here; 400 samples run the same path in a fraction of that."""
+    real --quick (3000 samples) takes 10-15 s here; 400 samples run the same path in a fraction of that."""
     args = cli.build_parser().parse_args(["experiment", "--quick"])
     config = cli._experiment_config(args)
     assert (

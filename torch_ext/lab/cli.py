@@ -81,7 +81,7 @@ def _add_experiment(subparsers) -> None:
         "dead ReLU-family units and saturated sigmoid/tanh pre-activations. Writes report.json, report.md, "
         "loss_curves.png, units.png and grad_norms.png to --out. The defaults (8 activations x 100 epochs) "
         "take 1.5-3 minutes on a 2-core CPU (0.1-0.25 s per epoch, the upper end on a busy machine); --quick "
-        "5-10 s. Progress goes to stderr: a line per run, an estimate of the whole time after the second "
+        "10-15 s. Progress goes to stderr: a line per run, an estimate of the whole time after the second "
         "epoch, and on a terminal a line per epoch. The GPU is used when present.",
     )
     parser.add_argument(

@@ -27,7 +27,7 @@ While it trains it says so on stderr (``Progress``): what it trains, an estimate
 the first epochs, and a line per finished run; on a terminal also a line per epoch, rewritten in place.
 The defaults (8 activations x 100 epochs) take 1.5-3 minutes on a 2-core CPU (0.1-0.25 s per epoch, the
 upper end on a machine busy with other work); ``QUICK`` (``fusedact experiment --quick``) is the same network
-and data with 4 activations for 10 epochs, 5-10 s.
+and data with 4 activations for 10 epochs, 10-15 s.
 
 Example::
 
@@ -58,7 +58,7 @@ MODELS = ("mlp", "cnn")
 
 @dataclass
 class ExperimentConfig:
-    """What to train; the defaults take 1.5-3 minutes on a 2-core CPU, ``quick()`` 5-10 s."""
+    """What to train; the defaults take 1.5-3 minutes on a 2-core CPU, ``quick()`` 10-15 s."""
 
     activations: list = field(
         default_factory=lambda: ["relu", "leaky_relu", "elu", "gelu", "silu", "mish", "tanh", "sigmoid"]
