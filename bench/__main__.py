@@ -8,8 +8,12 @@
 
 What runs, in order (see each module's docstring for the details):
 1. the copy bandwidth, the yardstick of every GB/s (``timing.py``);
-2. host overhead: microseconds per call on a [1, 4096] tensor (``overhead.py``);
+2. host overhead: microseconds per call on a [1, 4096] tensor, and a [1, 4096] gelu with a bias taken
+   apart layer by layer (input checks, autograd wrapping, dispatch, the launch) next to eager's add + gelu
+   (``overhead.py``);
 3. memory and step time of fwd+bwd of a Linear -> GELU -> Linear block and of a SwiGLU MLP (``memory.py``);
+   the bias in the GEMM: eager ``act(F.linear(a, W, b))`` against fusedact after the same GEMM, on the
+   whole layer and beyond the GEMM (``linear.py``);
 4. the sweep: op x dtype x shape, every provider, every mode (fwd, bwd, fwd+bwd): median/p20/p80 time,
    GB/s from the minimal byte count, % of copy bandwidth, speedup over every provider, and every
    provider's max error against a float64 reference (``cases.py``, ``sweep.py``).
@@ -55,8 +59,9 @@ from .cases import (
     liger_function,
     parse_shape,
 )
+from .linear import LINEAR_LEGEND, linear_table, measure_linear
 from .memory import measure_blocks
-from .overhead import measure_overhead
+from .overhead import breakdown_table, measure_breakdown, measure_overhead
 from .report import (
     CPU_LEGEND,
     CPU_NOTE,
@@ -66,7 +71,9 @@ from .report import (
     cpu_ratio_table,
     environment,
     failures,
+    memory_table,
     out_dir_from,
+    overhead_table,
     sweep_header,
     sweep_row,
     targets_table,
@@ -80,7 +87,7 @@ try:
 except ImportError:
     triton = None
 
-SECTIONS = ("overhead", "memory", "sweep")
+SECTIONS = ("overhead", "memory", "linear", "sweep")
 SAVE_EVERY_S = 20.0
 DEFAULT_DTYPES = {"cuda": ("bf16", "fp32", "fp16"), "cpu": ("fp32", "bf16")}
 # Milliseconds of calls per timing: do_bench's ``rep`` on the GPU, the CPU timer's budget on the CPU.
@@ -168,7 +175,7 @@ def build_parser(op_names: Sequence[str]) -> argparse.ArgumentParser:
         metavar="PROVIDER",
         help=f"any of {' '.join(PROVIDERS)} (default: all on a GPU, fusedact eager on the CPU)",
     )
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, metavar="SECTION", help="overhead memory sweep")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, metavar="SECTION", help=" ".join(SECTIONS))
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if available")
     parser.add_argument("--quick", action="store_true", help="one shape, shorter timing")
     parser.add_argument(
@@ -307,7 +314,12 @@ def run_sweep(
     settings: Settings, device: torch.device, copy_gbps: float, report: dict, save
 ) -> tuple[list[dict], list[str]]:
     """Every point of the sweep; prints each row as it comes. Returns the records and the points left out
-    by the time limit. ``save(report)`` follows every point, so a killed run keeps (nearly) all it measured."""
+    by the time limit. ``save(report)`` follows every point, so a killed run keeps (nearly) all it measured.
+
+    Under ``--time-limit`` a point with torch.compile runs its compiled providers only if their estimated
+    cost fits in the time left (``compile_cost_s`` per compiled provider: ``PLAN_COSTS``'s two graphs at
+    first, then the dearest compiled point seen so far, per provider); otherwise it runs without them,
+    listed in ``report["compile_cut"]``: one compile of minutes cannot overshoot the limit."""
     ops = available_ops()
     points = settings.points()
     providers = [p for p in settings.providers if p != "liger" or any(ops[o].liger for o in settings.ops)]
@@ -315,17 +327,27 @@ def run_sweep(
     print(sweep_header(providers, show_copy=gpu), flush=True)
     progress = Progress(len(points))
     skipped = []
+    compile_cost_s = 2 * PLAN_COSTS[device.type]["compile"]
     try:
         for dtype_name, op_name, shape in points:
             label = f"{op_name} {dtype_name} {format_shape(shape)}"
-            if settings.time_limit_s is not None and time.perf_counter() - report["started"] > settings.time_limit_s:
+            elapsed = time.perf_counter() - report["started"]
+            if settings.time_limit_s is not None and elapsed > settings.time_limit_s:
                 skipped.append(label)
                 continue
+            here = settings.providers_at(dtype_name, shape)
+            compiled = [p for p in here if p in COMPILE_MODES]
+            if compiled and not compile_fits(settings.time_limit_s, elapsed, len(compiled) * compile_cost_s):
+                here = tuple(p for p in here if p not in COMPILE_MODES)
+                report["compile_cut"].append(label)
+                compiled = []
             progress.begin(label)
+            begin = time.perf_counter()
             records = run_point(
-                ops[op_name], dtype_name, shape, settings.modes, settings.providers_at(dtype_name, shape), device,
-                settings.rep_ms, copy_gbps,
-            )  # fmt: skip
+                ops[op_name], dtype_name, shape, settings.modes, here, device, settings.rep_ms, copy_gbps
+            )
+            if compiled:
+                compile_cost_s = max(compile_cost_s, (time.perf_counter() - begin) / len(compiled))
             for record in records:
                 progress.write(sweep_row(record, providers, show_copy=gpu))
             report["results"].extend(records)
@@ -334,6 +356,11 @@ def run_sweep(
     finally:
         progress.close()
     return report["results"], skipped
+
+
+def compile_fits(time_limit_s: Optional[float], elapsed_s: float, estimate_s: float) -> bool:
+    """Whether a point's compiled providers, estimated at ``estimate_s``, end before the time limit."""
+    return time_limit_s is None or elapsed_s + estimate_s <= time_limit_s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -353,9 +380,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "started": time.perf_counter(),
         "copy_bandwidth": {},
         "host_overhead": [],
+        "host_overhead_breakdown": {},
         "memory": [],
+        "linear": [],
         "results": [],
         "skipped": [],
+        "compile_cut": [],
         "targets": [],
     }
 
@@ -389,26 +419,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] / 2**30:.2f} GiB read + written)\n")
         if "overhead" in settings.sections:
             report["host_overhead"] = measure_overhead(available_ops(), settings.dtypes[0], device, settings.quick)
+            report["host_overhead_breakdown"] = measure_breakdown(device, settings.quick)
+            print("## Host overhead (one intra-op thread)\n\n" + overhead_table(report["host_overhead"]) + "\n")
+            print(breakdown_table(report["host_overhead_breakdown"]) + "\n", flush=True)
             save(report)
         if "memory" in settings.sections:
             report["memory"] = measure_blocks(settings.providers, settings.dtypes[0], device, settings.rep_ms)
+            print("## Training memory and step time of MLP blocks\n\n" + memory_table(report["memory"]) + "\n")
+            save(report)
+        if "linear" in settings.sections:
+            report["linear"] = measure_linear(device, settings.dtypes[0], settings.rep_ms, settings.quick)
+            print("## Bias in the GEMM: eager F.linear(a, W, b) + act vs fusedact\n\n" + linear_table(report["linear"]))
+            print("\n" + LINEAR_LEGEND + "\n", flush=True)
             save(report)
         if "sweep" in settings.sections:
             _, report["skipped"] = run_sweep(settings, device, copy["gbps"], report, save)
     finally:
         fusedact.set_cpu_backend(previous_cpu_backend)
 
-    print("\n" + SWEEP_LEGEND)
+    if "sweep" in settings.sections:
+        print("\n" + SWEEP_LEGEND + ("" if gpu else "\n\n" + CPU_LEGEND))
     report["targets"] = check_targets(report)
     if gpu:
         print("\n## Targets (inputs of 64 MiB and more)\n\n" + targets_table(report["targets"]))
     else:
-        print("\n" + CPU_LEGEND)
         if any("paired" in record for record in report["results"]):
             print("\n## CPU path: fusedact / eager time\n\n" + cpu_ratio_table(report["results"]))
         print("\n## Targets: not judged on CPU (GPU targets: the Triton kernels' bandwidth and speed)")
     for line in failures(report):
         print(f"failed: {line}")
+    if report["compile_cut"]:
+        cut = report["compile_cut"]
+        print(f"\ntime limit: torch.compile left out at {len(cut)} points (too long to compile): {', '.join(cut)}")
     if report["skipped"]:
         print(f"\ntime limit reached: {len(report['skipped'])} points not measured (listed in the report)")
     save(report, final=True)

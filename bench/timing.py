@@ -75,10 +75,15 @@ def calls_per_sample(call: Callable[[], object]) -> int:
 
 
 def paired_cpu_ms(
-    calls: Mapping[str, Callable[[], object]], budget_s: float, min_rounds: int = MIN_CPU_ROUNDS
+    calls: Mapping[str, Callable[[], object]],
+    budget_s: float,
+    min_rounds: int = MIN_CPU_ROUNDS,
+    synchronize: Optional[Callable[[], None]] = None,
 ) -> dict[str, list[float]]:
     """Per name, the ms per call of each round (see the module docstring): at least ``min_rounds`` rounds,
-    more while ``budget_s`` lasts (at most ``MAX_CPU_ROUNDS``). Each call must have run once already."""
+    more while ``budget_s`` lasts (at most ``MAX_CPU_ROUNDS``). Each call must have run once already.
+    ``synchronize`` (the host overhead on a GPU) runs before each batch's clock starts and stops."""
+    synchronize = synchronize or (lambda: None)
     names = list(calls)
     batch = {name: calls_per_sample(calls[name]) for name in names}  # also the warm-up
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -89,9 +94,11 @@ def paired_cpu_ms(
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             call, count = calls[name], batch[name]
+            synchronize()
             begin = time.perf_counter()
             for _ in range(count):
                 call()
+            synchronize()
             samples[name].append((time.perf_counter() - begin) * 1e3 / count)
     return samples
 

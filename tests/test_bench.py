@@ -289,6 +289,53 @@ def test_default_output_is_the_git_ignored_folder():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Host overhead taken apart, and the bias in the GEMM
+
+
+def test_every_layer_of_the_breakdown_computes_the_public_result(torch_backend):
+    """Each layer the breakdown times is the same computation, one wrapper fewer each time: if ops.py
+    renames one, this fails (and the breakdown reports it missing) until LAYERS is updated."""
+    overhead = import_bench("overhead")
+    x, bias = torch.randn(3, 64, requires_grad=True), torch.randn(64, requires_grad=True)
+    calls = overhead.layer_calls(x, bias, (x.detach(), bias.detach()))
+    assert list(calls) == [name for name, _, _ in overhead.LAYERS]
+    expected = torch.nn.functional.gelu(x.detach() + bias.detach())
+    for name, call in calls.items():
+        torch.testing.assert_close(call(), expected, msg=f"breakdown layer {name!r} vs F.gelu(x + b)")
+    assert not calls["implementation"]().requires_grad, "below the autograd wrapping: no graph"
+    assert calls["entry"]().requires_grad
+
+
+def test_breakdown_shares_are_the_differences_of_the_layers():
+    overhead = import_bench("overhead")
+    column = {"public": [10.0] * 3, "entry": [7.0] * 3, "implementation": [4.5] * 3, "kernel call": [4.0] * 3}
+    column.update({"x + b": [1.0] * 3, "F.gelu(z)": [2.0] * 3, "F.gelu(x + b)": [4.0] * 3})
+    rows = {stage.strip(): values for stage, _, values in overhead.breakdown_rows({"columns": {"no grad": column}})}
+    assert rows["input checks"] == [3.0] and rows["autograd wrapping"] == [2.5]
+    assert rows["dispatch and layout"] == [0.5] and rows["kernel call"] == [4.0]
+    assert rows["fusedact / eager"] == [2.5]
+    report = import_bench("report")
+    with_grad = {**column, "public": [5.0] * 3}
+    target = report._breakdown_target({"columns": {"no grad": column, "requires grad": with_grad}})
+    assert (target["worst"], target["where"], target["met"]) == (2.5, "no grad", False)
+
+
+def test_linear_point_times_the_layer_and_the_part_beyond_the_gemm(torch_backend):
+    linear = import_bench("linear")
+    records = linear.measure_linear_point("relu", (16, 8, 32), "fp32", torch.device("cpu"), rep_ms=1.0)
+    assert [r["mode"] for r in records] == ["fwd", "fwd+bwd"]
+    for record in records:
+        assert set(record["ms"]) == set(linear.VARIANTS)
+        gemm = record["ms"]["gemm"][0]
+        for name, beyond in record["beyond_gemm_ms"].items():
+            assert beyond == pytest.approx(record["ms"][name][0] - gemm)
+        layer = record["speedup_layer"]["vs eager-linear"]
+        assert layer == pytest.approx(record["ms"]["eager-linear"][0] / record["ms"]["fusedact"][0])
+        assert record["max_abs_diff_vs_eager_linear"] < 1e-5
+    assert "| relu | 16x8 -> 32 | fp32 | fwd |" in linear.linear_table(records)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Timers, on calls whose cost the test controls
 
 
@@ -414,6 +461,10 @@ def test_quick_cpu_run_writes_every_report(tmp_path):
     for record in memory.values():
         assert "peak_bytes" not in record, "no allocator statistics on the CPU: memory is not measured"
         assert record["ms"][0] > 0 and record["max_abs_diff_vs_eager"] < 1e-3
+    breakdown = report["host_overhead_breakdown"]
+    assert breakdown["missing"] == [] and set(breakdown["columns"]) == {"no grad", "requires grad"}
+    assert {(r["op"], r["mode"]) for r in report["linear"]} == {("gelu", "fwd"), ("gelu", "fwd+bwd")}
+    assert all(r["max_abs_diff_vs_eager_linear"] < 1e-4 for r in report["linear"])  # fp32: a few ULP
     assert {(r["op"], r["provider"], r["mode"]) for r in report["host_overhead"]} == {
         (op, p, m) for op in ("gelu", "swiglu") for p in ("fusedact", "eager") for m in ("fwd", "fwd+bwd")
     }
@@ -427,12 +478,29 @@ def test_quick_cpu_run_writes_every_report(tmp_path):
     assert len(csv_lines) == 1 + 2 * len(results)
     markdown = (out / "cpu.md").read_text()
     headings = ("# fusedact benchmark: CPU", "## Targets: not judged on CPU", "## Time, bandwidth and error")
-    for heading in (*headings, "## CPU path: fusedact / eager time", "## Host overhead"):
+    more = ("## CPU path: fusedact / eager time", "## Host overhead", "### One call taken apart", "## Bias in the GEMM")
+    for heading in (*headings, *more):
         assert heading in markdown
     if importlib.util.find_spec("matplotlib") is not None:
         assert {p.name for p in out.glob("*.png")} == {f"cpu-{k}-{d}.png" for k in ("gbps", "speedup") for d in dtypes}
     else:
         assert any("matplotlib" in note for note in report["notes"])
+
+
+def test_a_compile_that_would_overshoot_the_time_limit_is_left_out(tmp_path, capsys):
+    """The CPU's first estimate of a compile (two graphs, 30 s each) does not fit in 20 s: the point runs
+    without torch.compile, and says so."""
+    main = import_bench("__main__").main
+    argv = ["--device", "cpu", "--quick", "--sections", "sweep", "--ops", "relu", "--dtypes", "fp32", "--rep-ms", "1"]
+    argv += ["--providers", "fusedact", "eager", "compile", "--time-limit", "20"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "cpu.json").read_text())
+    assert report["compile_cut"] == ["relu fp32 256x1024"] and report["skipped"] == []
+    assert {provider for record in report["results"] for provider in record["providers"]} == {"fusedact", "eager"}
+    assert "torch.compile left out at 1 points" in capsys.readouterr().out
+    main_module = import_bench("__main__")
+    assert main_module.compile_fits(None, 1e9, 1e9) and main_module.compile_fits(100, 40, 60)
+    assert not main_module.compile_fits(100, 41, 60)
 
 
 def test_time_limit_skips_points_and_still_writes(tmp_path, capsys):
