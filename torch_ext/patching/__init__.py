@@ -1,6 +1,6 @@
 """``fusedact.patch(model)``: make an existing model's activations fused, in place; nothing else changes.
 
-Three things happen, each only where fusedact can prove it computes the same function:
+These things happen, each only where fusedact can prove it computes the same function:
 
 1. **Activation modules** (``nn.ReLU``, ``nn.GELU(approximate=...)``, ``nn.LeakyReLU(negative_slope)``, ...,
    the objects Hugging Face's ``ACT2FN`` builds such as ``GELUActivation`` or ``NewGELUActivation``, and
@@ -14,10 +14,19 @@ Three things happen, each only where fusedact can prove it computes the same fun
    CLIP's, ...). A classifier's ``Linear -> Softmax(dim=-1)`` (or ``LogSoftmax``) folds the same way.
    The bias ``Parameter`` stays where it was, so ``state_dict`` keys and values, checkpoints and optimizers
    see no difference; the layer's class becomes a subclass of its own that only changes ``forward``, so
-   ``isinstance(layer, nn.Linear)`` still holds.
+   ``isinstance(layer, nn.Linear)`` still holds. A ``Linear`` subclass that does not override ``forward``, or
+   whose ``forward`` adds the bias last as transformers' ``FalconLinear`` does, folds as a Linear.
 3. **Gated MLPs** whose ``forward`` is ``self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))``
    (Llama, Mistral, Qwen2/3, Gemma and the many models that copy that MLP) run the gated kernel:
    SwiGLU for SiLU, GeGLU for GELU, ReGLU for ReLU, with ``gate_proj``/``up_proj`` biases folded.
+4. **Gated products** ``act(gate) * up`` anywhere in a forward (``gated_forward``, read with ``products``):
+   Phi-3's packed ``gate_up_proj`` split with ``chunk(2, dim=-1)`` (both halves read in place), T5 v1.1's
+   ``wi_0``/``wi_1``, timm's ``SwiGLU``/``GluMlp``, Falcon-H1's scaled gate, ``F.silu(w1(x)) * w3(x)``.
+5. **Mixture-of-experts experts** of transformers 5 (Mixtral, Qwen2/3-MoE, DeepSeek-V3: one 3-D
+   ``gate_up_proj``) run the packed gated kernel in every implementation their dispatcher picks (``experts``).
+
+Activations a forward calls as functions (``F.gelu(x)``, ``torch.tanh``, ``scores.sigmoid()``) cannot be
+swapped from outside: the report lists them with where they are called (``function_calls``).
 
 Anything else is left as it is and the report says why (an activation-like class fusedact does not know,
 a layer shared between two places, a forward it cannot read). ``unpatch(model)`` restores the original
@@ -30,8 +39,11 @@ modules and classes. Patching twice is harmless.
     >>> model[1]
     FoldedBias(gelu, approximate='tanh', bias of Linear, dim=-1)
 
-The package has one module per rule (``activation_swap``, ``bias_folding``, ``gated_mlp``), each with its
-proof, rewrite and undo; ``driver`` walks the model and asks each rule in turn.
+The package has one module per rule (``gated_mlp``, ``experts``, ``gated_forward``, ``bias_folding``,
+``activation_swap``), each with its proof, rewrite and undo and its own tests (``tests/patching/``);
+``driver`` walks the model and asks each rule in turn (``RULES``). Shared: ``kinds`` (which activation a
+module is), ``layers`` (bias-skipping layers, ``FoldedBias``), ``source`` (reading code), ``rewrite``
+(compiling a rewritten function), ``products`` (gated products in code), ``context`` (changes and undo).
 
 Save a patched model with ``state_dict()`` (it loads into the unpatched model and back); pickling the
 whole module object of a patched gated MLP is not supported (its class is made at patch time).

@@ -52,7 +52,9 @@ def patch(parent: nn.Module, context: Context) -> None:
         kind = activation_kind(module)
         if kind is None:
             if looks_like_activation(module):
-                context.leave(path, type(module).__name__, "not an activation fusedact recognizes")
+                learned = [name for name, _ in module.named_parameters()]
+                why = f" (learned: {', '.join(learned)})" if learned else ""
+                context.leave(path, type(module).__name__, f"not an activation fusedact recognizes{why}")
             continue
         if type(module).__module__.split(".")[0] == "fusedact":
             continue  # already fused

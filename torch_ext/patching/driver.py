@@ -14,12 +14,12 @@ from typing import Optional
 
 from torch import nn
 
-from . import activation_swap, bias_folding, gated_mlp
+from . import activation_swap, bias_folding, experts, function_calls, gated_forward, gated_mlp
 from .context import Context, undo
 from .kinds import KNOWN
 from .report import PatchReport
 
-RULES = (gated_mlp, bias_folding, activation_swap)
+RULES = (gated_mlp, experts, gated_forward, bias_folding, activation_swap)
 
 
 def patch(
@@ -47,7 +47,7 @@ def patch(
     for rule in RULES:
         for module in list(model.modules()):  # anew per rule: the modules the rules before it put in
             rule.patch(module, context)
-    return PatchReport(context.changes, context.left)
+    return PatchReport(context.changes, context.left, function_calls.find(model))
 
 
 def unpatch(model: nn.Module) -> int:

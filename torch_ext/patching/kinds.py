@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .. import functional as F
@@ -100,11 +101,14 @@ _LOOKS_LIKE_ACTIVATION = re.compile(
 
 
 def looks_like_activation(module: nn.Module) -> bool:
-    """A parameter-free leaf module whose class name says activation (recognized by fusedact or not)."""
+    """A leaf module whose class name says activation (recognized by fusedact or not, learned or not:
+    ``XIELUActivation`` has two parameters). fusedact's own classes are not: they are known or are layers
+    ``patch`` made (``LinearBiasInActivation``)."""
+    cls = type(module)
     return (
-        bool(_LOOKS_LIKE_ACTIVATION.search(type(module).__name__))
+        bool(_LOOKS_LIKE_ACTIVATION.search(cls.__name__))
         and next(module.children(), None) is None
-        and next(module.parameters(), None) is None
+        and cls.__module__.split(".")[0] != "fusedact"
     )
 
 
@@ -142,3 +146,57 @@ def fused_module(kind: str, **settings) -> nn.Module:
         return builders[kind](**settings)
     except TypeError as error:
         raise TypeError(f"{kind}: {error}") from None
+
+
+# Activation functions a forward may call instead of a module, by the kind fusedact gives them (or, where
+# fusedact has none, by their own name): what ``function_calls`` lists. Tensor methods by name likewise.
+ACTIVATION_FUNCTIONS: dict = {
+    torch.nn.functional.relu: "relu",
+    torch.relu: "relu",
+    torch.nn.functional.leaky_relu: "leaky_relu",
+    torch.nn.functional.gelu: "gelu",
+    torch.nn.functional.silu: "silu",
+    torch.nn.functional.mish: "mish",
+    torch.nn.functional.elu: "elu",
+    torch.nn.functional.selu: "selu",
+    torch.selu: "selu",
+    torch.nn.functional.celu: "celu",
+    torch.nn.functional.sigmoid: "sigmoid",
+    torch.sigmoid: "sigmoid",
+    torch.nn.functional.tanh: "tanh",
+    torch.tanh: "tanh",
+    torch.nn.functional.glu: "glu",
+    torch.nn.functional.prelu: "prelu",
+    torch.nn.functional.softmax: "softmax",
+    torch.softmax: "softmax",
+    torch.nn.functional.log_softmax: "log_softmax",
+    torch.log_softmax: "log_softmax",
+    torch.nn.functional.softplus: "softplus",
+    torch.nn.functional.hardswish: "hardswish",
+    torch.nn.functional.hardsigmoid: "hardsigmoid",
+    torch.nn.functional.hardtanh: "hardtanh",
+    torch.nn.functional.relu6: "relu6",
+    torch.nn.functional.logsigmoid: "logsigmoid",
+    torch.nn.functional.softsign: "softsign",
+}
+ACTIVATION_METHODS = frozenset({"relu", "sigmoid", "tanh", "softmax", "log_softmax", "relu_", "sigmoid_", "tanh_"})
+
+# Of those, the ones whose call with one positional argument and no keyword is a gated kernel's activation.
+_GATED_FUNCTIONS = {
+    torch.nn.functional.silu: ("silu", {}),
+    torch.nn.functional.gelu: ("gelu", dict(_ERF)),
+    torch.nn.functional.relu: ("relu", {}),
+    torch.relu: ("relu", {}),
+    torch.nn.functional.sigmoid: ("sigmoid", {}),
+    torch.sigmoid: ("sigmoid", {}),
+}
+
+
+def function_kind(function) -> Optional[tuple[str, dict]]:
+    """``(kind, settings)`` of ``function(x)`` (one positional argument, no keyword) where it is an activation
+    the gated kernel computes: ``function_kind(torch.nn.functional.silu) == ("silu", {})``."""
+    try:
+        kind = _GATED_FUNCTIONS.get(function)
+    except TypeError:  # unhashable
+        return None
+    return (kind[0], dict(kind[1])) if kind else None

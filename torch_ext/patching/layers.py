@@ -6,6 +6,7 @@ the gated kernel). A folded layer's class becomes a subclass of its own that onl
 ``state_dict`` key, and the kernel reads it from the layer on every call.
 """
 
+import ast
 import functools
 from typing import Optional
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .source import function_tree, is_docstring, self_attribute
 
 
 def class_key(cls: type) -> str:
@@ -99,6 +101,57 @@ def _hf_conv1d_class(cls: type) -> type:
     return type(f"{cls.__name__}BiasInActivation", (cls,), {"forward": _hf_conv1d_without_bias})
 
 
+def _weight_matmul_forward(self, input: Tensor) -> Tensor:
+    # What a FalconLinear-style forward computes when its bias is None (the same matmul, not F.linear).
+    return input @ self.weight.T
+
+
+def _adds_bias_last(tree: ast.FunctionDef) -> bool:
+    """``forward(self, x)`` is ``h = x @ self.weight.T; if self.bias is None: return h; return h + self.bias``
+    (transformers' ``FalconLinear``): the bias is added last, after the bias-free ``x @ self.weight.T``."""
+    if len(tree.args.args) != 2 or tree.args.vararg or tree.args.kwarg or tree.args.kwonlyargs:
+        return False
+    self_name, x_name = (arg.arg for arg in tree.args.args)
+    body = [statement for statement in tree.body if not is_docstring(statement)]
+    if len(body) != 3 or not isinstance(body[0], ast.Assign) or len(body[0].targets) != 1:
+        return False
+    h = body[0].targets[0]
+    product = body[0].value
+    if not (
+        isinstance(h, ast.Name)
+        and isinstance(product, ast.BinOp)
+        and isinstance(product.op, ast.MatMult)
+        and isinstance(product.left, ast.Name)
+        and product.left.id == x_name
+        and isinstance(product.right, ast.Attribute)
+        and product.right.attr == "T"
+        and self_attribute(product.right.value, self_name) == "weight"
+    ):
+        return False
+    test, last = body[1], body[2]
+    early = f"if {self_name}.bias is None:\n    return {h.id}"
+    return (
+        isinstance(test, ast.If)
+        and ast.dump(test) == ast.dump(ast.parse(early).body[0])
+        and isinstance(last, ast.Return)
+        and ast.dump(last.value) == ast.dump(ast.parse(f"{h.id} + {self_name}.bias", mode="eval").body)
+    )
+
+
+@functools.cache
+def _linear_subclass(cls: type) -> Optional[type]:
+    """The bias-skipping class for a subclass of ``nn.Linear`` that is still a Linear: one that does not
+    override ``forward``, or whose ``forward`` the code shows adds the bias last (``_adds_bias_last``)."""
+    if cls.forward is nn.Linear.forward:
+        forward = LinearBiasInActivation.forward
+    else:
+        tree = function_tree(cls.forward)
+        if tree is None or not _adds_bias_last(tree):
+            return None
+        forward = _weight_matmul_forward
+    return type(f"{cls.__name__}BiasInActivation", (cls,), {"forward": forward})
+
+
 def bias_skipping_class(layer: nn.Module) -> Optional[tuple[type, int]]:
     """The class ``layer`` becomes when its bias is folded, and the dim the bias runs along; None for a
     layer that cannot leave its bias (a class not known to add it last, as these do)."""
@@ -113,4 +166,7 @@ def bias_skipping_class(layer: nn.Module) -> Optional[tuple[type, int]]:
         return static[cls]
     if class_key(cls) == "transformers.pytorch_utils.Conv1D":
         return _hf_conv1d_class(cls), -1
+    if isinstance(layer, nn.Linear):  # a subclass (one already skipping its bias reads as none of these)
+        subclass = _linear_subclass(cls)
+        return None if subclass is None else (subclass, -1)
     return None

@@ -1,13 +1,18 @@
 """What ``patch`` did: one ``Change`` per module it changed, one ``Left`` per activation-like module it left."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+# What a change did: an activation module swapped, a bias folded into the activation after it, a gated MLP
+# (or a gated product in a forward) on the gated kernel, a mixture-of-experts block's experts on it.
+ACTIONS = ("replace", "fold_bias", "gated_mlp", "experts")
+
 
 @dataclass(frozen=True)
 class Change:
-    """One module ``patch`` replaced or changed: ``action`` is ``"replace"``, ``"fold_bias"`` or ``"gated_mlp"``."""
+    """One module ``patch`` replaced or changed: ``action`` is one of ``ACTIONS``."""
 
     path: str
     action: str
@@ -25,11 +30,13 @@ class Left:
 
 
 class PatchReport:
-    """What ``patch`` did: ``changes`` (every replacement: path, before, after) and ``left`` (activation-like
-    modules left alone, with the reason). ``str(report)`` is a table."""
+    """What ``patch`` did: ``changes`` (every replacement: path, before, after), ``left`` (activation-like
+    modules left alone, with the reason) and ``calls`` (activations the code calls as functions, which no
+    module swap reaches: ``function_calls.FunctionCall``, with where they are called). ``str(report)`` is a
+    table."""
 
-    def __init__(self, changes: list, left: list) -> None:
-        self.changes, self.left = changes, left
+    def __init__(self, changes: list, left: list, calls: Sequence = ()) -> None:
+        self.changes, self.left, self.calls = changes, left, list(calls)
 
     def __len__(self) -> int:
         return len(self.changes)
@@ -41,12 +48,11 @@ class PatchReport:
         return f"PatchReport({len(self.changes)} changes, {len(self.left)} left as they are)"
 
     def __str__(self) -> str:
-        counts = {
-            action: sum(c.action == action for c in self.changes) for action in ("replace", "fold_bias", "gated_mlp")
-        }
+        counts = {action: sum(c.action == action for c in self.changes) for action in ACTIONS}
+        experts = f", {counts['experts']} expert blocks fused" if counts["experts"] else ""
         lines = [
             f"fusedact.patch: {counts['replace'] + counts['fold_bias']} activations fused ({counts['fold_bias']} "
-            f"with the bias of the layer before folded in), {counts['gated_mlp']} gated MLPs fused; "
+            f"with the bias of the layer before folded in), {counts['gated_mlp']} gated MLPs fused{experts}; "
             f"{len(self.left)} activation-like modules left as they are"
         ]
         width = max((len(item.path) for item in [*self.changes, *self.left]), default=0)
@@ -59,6 +65,12 @@ class PatchReport:
                 "  nothing to patch: no unfused activation module (activations a forward calls as functions, "
                 "F.gelu(x), cannot be swapped from outside; `fusedact inspect MODEL` lists what a model has)"
             )
+        if self.calls:
+            lines.append(
+                f"  {len(self.calls)} activation calls in the code, left as they are (functions, not modules):"
+            )
+            for call in self.calls:
+                lines.append(format_call(call))
         return "\n".join(lines)
 
 
@@ -69,3 +81,10 @@ def short(module: nn.Module) -> str:
     """``nn.ReLU()``, ``fusedact.ReLU()``, ``transformers.GELUActivation()``: the repr and where it is from."""
     prefix = _PACKAGE_PREFIX.get(type(module).__module__.split(".")[0], "")
     return prefix + repr(module).replace("\n", " ")
+
+
+def format_call(call, indent: str = "    ") -> str:
+    """``F.gelu (gelu) at modeling_roberta.py:888 in RobertaLMHead.forward: x = gelu(x) [lm_head]``."""
+    shown = ", ".join(call.paths[:3]) + (f", ... ({len(call.paths)} modules)" if len(call.paths) > 3 else "")
+    kind = "" if call.kind == call.call.split(".")[-1].strip("()") else f" ({call.kind})"
+    return f"{indent}{call.call}{kind} at {call.where} in {call.module}.{call.function}: {call.code}  [{shown}]"

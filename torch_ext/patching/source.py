@@ -2,7 +2,12 @@
 
 A rule rewrites a module only where its class's code shows the rewrite computes the same function. These
 helpers parse that code with ``ast`` (never run it) and answer small questions about it: which
-``self.<attribute>`` is called on what, and how often each attribute is mentioned.
+``self.<attribute>`` is called on what, how often each attribute is mentioned, which value of a variable
+reaches a statement and who else reads it.
+
+The code read is the code that runs: the source of the function's own code object. A decorated forward
+(``functools.wraps`` sets ``__wrapped__``, which ``inspect.getsource`` follows) shows its wrapper, not the
+function it wraps, so no rule reasons about code that a wrapper may bypass.
 """
 
 import ast
@@ -13,14 +18,27 @@ from typing import Optional
 
 
 @functools.cache
-def forward_tree(cls: type) -> Optional[ast.FunctionDef]:
-    """The parsed ``cls.forward``, or None where its source cannot be read."""
+def function_tree(function) -> Optional[ast.FunctionDef]:
+    """The parsed source of ``function``'s code object (what calling it runs), or None where it cannot be read.
+
+    Callers must not modify the tree (it is cached): rewrites work on a ``copy.deepcopy``.
+    """
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return None
     try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
+        source = textwrap.dedent(inspect.getsource(code))
         tree = ast.parse(source).body[0]
     except (OSError, TypeError, SyntaxError, IndexError):
         return None
-    return tree if isinstance(tree, ast.FunctionDef) and tree.args.args else None
+    if not isinstance(tree, ast.FunctionDef) or tree.name != code.co_name or not tree.args.args:
+        return None
+    return tree
+
+
+def forward_tree(cls: type) -> Optional[ast.FunctionDef]:
+    """The parsed ``cls.forward``, or None where its source cannot be read."""
+    return function_tree(getattr(cls, "forward", None))
 
 
 def self_attribute(node: ast.AST, self_name: str) -> Optional[str]:
@@ -39,10 +57,8 @@ def single_call(node: ast.AST, self_name: str) -> Optional[tuple[str, ast.AST]]:
     return None
 
 
-@functools.cache
-def uses(cls: type) -> dict:
-    """How many times ``forward`` mentions each ``self.<attribute>``."""
-    tree = forward_tree(cls)
+def attribute_uses(tree: ast.FunctionDef) -> dict:
+    """How many times the function mentions each ``self.<attribute>``."""
     self_name = tree.args.args[0].arg
     counts: dict = {}
     for node in ast.walk(tree):
@@ -52,5 +68,119 @@ def uses(cls: type) -> dict:
     return counts
 
 
+@functools.cache
+def uses(cls: type) -> dict:
+    """How many times ``forward`` mentions each ``self.<attribute>``."""
+    return attribute_uses(forward_tree(cls))
+
+
 def is_docstring(statement: ast.stmt) -> bool:
     return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+
+
+# --- Which value of a variable reaches a statement ------------------------------------------------------
+
+# Statements with no statements inside them: an expression in one runs from left to right, once.
+SIMPLE_STATEMENTS = (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Return, ast.Expr)
+# Nodes that open a scope of their own (a name inside one may not be the function's variable).
+_SCOPES = (
+    ast.Lambda,
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.ListComp,
+    ast.SetComp,
+    ast.DictComp,
+    ast.GeneratorExp,
+)
+# Nodes that leave a block before its end.
+_JUMPS = (ast.Return, ast.Break, ast.Continue, ast.Raise, ast.Yield, ast.YieldFrom, ast.Await)
+
+
+def blocks(tree: ast.FunctionDef):
+    """Every list of statements of the function (its body, loop and branch bodies...), not of nested scopes."""
+    pending = [tree.body]
+    while pending:
+        block = pending.pop()
+        yield block
+        for statement in block:
+            if isinstance(statement, _SCOPES):
+                continue
+            for field in ("body", "orelse", "finalbody"):
+                inner = getattr(statement, field, None)
+                if isinstance(inner, list) and inner and isinstance(inner[0], ast.stmt):
+                    pending.append(inner)
+            for handler in getattr(statement, "handlers", ()):
+                pending.append(handler.body)
+            for case in getattr(statement, "cases", ()):
+                pending.append(case.body)
+
+
+def walk_scope(node: ast.AST):
+    """``ast.walk`` that does not enter nested scopes (lambdas, comprehensions, inner functions)."""
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        yield current
+        pending.extend(child for child in ast.iter_child_nodes(current) if not isinstance(child, _SCOPES))
+
+
+def _stores(node: ast.AST, name: str) -> bool:
+    return any(
+        (isinstance(n, ast.Name) and n.id == name and not isinstance(n.ctx, ast.Load))
+        or (isinstance(n, (ast.Global, ast.Nonlocal)) and name in n.names)
+        for n in ast.walk(node)
+    )
+
+
+def _loads(node: ast.AST, name: str) -> list:
+    return [n for n in ast.walk(node) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)]
+
+
+def reaching_definition(block: list, index: int, name: str) -> Optional[int]:
+    """The index of the statement of ``block`` whose assignment to ``name`` is the value ``name`` has when
+    ``block[index]`` runs: the closest earlier statement that stores it, where that statement is a plain
+    ``name = ...`` or ``a, b = ...`` at the block's own level. None where no such statement exists or another
+    store (in a nested branch, a loop, a walrus) may come between."""
+    if any(isinstance(n, ast.NamedExpr) for n in ast.walk(block[index])):
+        return None
+    for position in range(index - 1, -1, -1):
+        statement = block[position]
+        if not _stores(statement, name):
+            continue
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target = statement.targets[0]
+            names = target.elts if isinstance(target, ast.Tuple) else [target]
+            if all(isinstance(n, ast.Name) for n in names) and name in [n.id for n in names]:
+                if not any(isinstance(n, ast.NamedExpr) for n in ast.walk(statement.value)):
+                    return position
+        return None
+    return None
+
+
+def only_reader(tree: ast.FunctionDef, block: list, definition: int, name: str, reader: ast.Name) -> bool:
+    """Whether ``reader`` (a load of ``name``) is the only code that can see the value ``block[definition]``
+    gives ``name``: either the function reads ``name`` nowhere else, or the next plain assignment to it in
+    the same block comes after ``reader`` with no other read and no jump in between, and no ``try`` could
+    let a handler see the value."""
+    everywhere = _loads(tree, name)
+    if everywhere == [reader]:
+        return True
+    if (
+        any(isinstance(n, ast.Try) for n in ast.walk(tree))
+        or hasattr(ast, "TryStar")
+        and any(isinstance(n, ast.TryStar) for n in ast.walk(tree))
+    ):
+        return False
+    seen = []
+    for statement in block[definition + 1 :]:
+        seen += _loads(statement, name)
+        if isinstance(statement, ast.Assign) and any(
+            isinstance(n, ast.Name) and n.id == name
+            for target in statement.targets
+            for n in (target.elts if isinstance(target, ast.Tuple) else [target])
+        ):
+            return seen == [reader]  # killed here: later code sees the new value
+        if _stores(statement, name) or any(isinstance(n, _JUMPS) for n in ast.walk(statement)):
+            return False
+    return False
