@@ -1,5 +1,8 @@
 """fusedact.patch on real architectures, built from tiny random-weight configs (nothing downloaded):
-transformers Llama, Mistral, Qwen2, GPT-2 and BERT here; timm's ResNet and ViT in test_timm.py.
+transformers Llama, Mistral, Qwen2, GPT-2 and BERT in detail (bf16, state_dict, compile); every architecture
+of tests/architectures.py (MoE, Phi-3, T5 v1.1, Falcon, Falcon-H1, Gemma-2, RoBERTa, Whisper, CLIP, BLOOM,
+Apertus, MobileNet v2, ...) for the same function, what patch fused, and the README's coverage table; timm's
+in test_timm.py.
 
 Each patched model must give the unpatched model's logits and every parameter's gradient:
 - fp32: rtol=atol=1e-5. Patching changes where a bias is added (in the fp32 kernel, not in the GEMM) and the
@@ -13,9 +16,11 @@ Biases are re-drawn at random: transformers initializes them to zero, which woul
 """
 
 import copy
+import os
 
 import pytest
 import torch
+from architectures import ARCHITECTURES, coverage_row, readme_table, run
 
 import fusedact
 from fusedact.lab.models import TINY_MODELS
@@ -159,3 +164,59 @@ def test_patched_llama_compiles_fullgraph():
     compiled = torch.compile(model, fullgraph=True)
     ids = tokens()
     torch.testing.assert_close(compiled(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# --- Every architecture of tests/architectures.py -----------------------------------------------------------
+
+TRANSFORMERS_ARCHITECTURES = [a for a in ARCHITECTURES if a.source == "transformers"]
+# What each must show (beyond the README table, which is checked whole below): the kernels that run.
+KERNELS = {
+    "Mixtral": {"gated_packed"},  # the experts (grouped_mm on CPU: one call per layer)
+    "Qwen2-MoE": {"gated", "gated_packed"},  # the shared expert's MLP and the experts
+    "Qwen3-MoE": {"gated_packed"},
+    "DeepSeek-V3": {"gated", "gated_packed"},
+    "Phi-3": {"gated_packed"},  # gate_up_proj's halves, read in place
+    "T5 v1.1": {"gated"},  # wi_0, wi_1
+    "Falcon": {"bias_act"},  # FalconLinear's bias folded into the GELU
+    "Falcon-H1": {"gated"},  # the scaled gate
+}
+
+
+def compare_to_unpatched(architecture):
+    """Patch a copy; the outputs and every gradient must be the unpatched model's (fp32, rtol=atol=1e-5 as
+    above). Returns the report and the kernels one patched forward ran."""
+    from patch_checks import kernel_calls
+
+    model = architecture.build()
+    original = copy.deepcopy(model)
+    report = fusedact.patch(model)
+    assert list(model.state_dict()) == list(original.state_dict())
+    results = []
+    with kernel_calls() as calls:
+        for m in (model, original):
+            m.zero_grad(set_to_none=True)
+            out = run(architecture, m)
+            out.float().pow(2).mean().backward()
+            results.append((out.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (out, grads), (out_reference, grads_reference) = results
+    torch.testing.assert_close(out, out_reference, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_reference.keys()
+    for key in grads:
+        torch.testing.assert_close(
+            grads[key], grads_reference[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}"
+        )
+    fusedact.unpatch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in original.named_modules()}
+    return report, {name for name, count in calls.items() if count}
+
+
+@pytest.mark.parametrize("architecture", TRANSFORMERS_ARCHITECTURES, ids=lambda a: a.name)
+def test_architecture_matches_unpatched_and_its_coverage_row(architecture):
+    report, kernels = compare_to_unpatched(architecture)
+    assert KERNELS.get(architecture.name, set()) <= kernels, str(report)
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    rows = {row.split(" | ")[0].lstrip("| "): row for row in readme_table(readme).splitlines()[2:]}
+    expected = "| " + " | ".join(coverage_row(architecture, report)) + " |"
+    assert rows.get(architecture.name) == expected, (
+        f"README's coverage row for {architecture.name} is stale: run `python tests/architectures.py --write`"
+    )

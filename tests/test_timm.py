@@ -1,4 +1,6 @@
-"""fusedact.patch on timm models built with random weights (nothing downloaded): a ResNet and a ViT.
+"""fusedact.patch on timm models built with random weights (nothing downloaded): a ResNet and a ViT in detail,
+and every timm model of tests/architectures.py (eva02's SwiGLU and GluMlp, mobilenetv3, efficientnet, convnext)
+for the same function and the README's coverage rows.
 
 timm needs torchvision, whose PyPI build does not import beside the CPU torch CI installs, so these tests
 skip where timm is missing; run them where it is (``pip install timm``, with a matching torchvision):
@@ -6,9 +8,11 @@ skip where timm is missing; run them where it is (``pip install timm``, with a m
 """
 
 import copy
+import os
 
 import pytest
 import torch
+from architectures import ARCHITECTURES, coverage_row, readme_table
 
 import fusedact
 
@@ -57,3 +61,22 @@ def test_vit():
         ("blocks.1.mlp.act", "fold_bias"),
     ]
     assert report.left == []
+
+
+# Every timm model of tests/architectures.py: the same function as unpatched, and the README's coverage row.
+TIMM_ARCHITECTURES = [a for a in ARCHITECTURES if a.source == "timm"]
+
+
+@pytest.mark.parametrize("architecture", TIMM_ARCHITECTURES, ids=lambda a: a.name)
+def test_architecture_matches_unpatched_and_its_coverage_row(architecture):
+    from test_integration import compare_to_unpatched
+
+    report, kernels = compare_to_unpatched(architecture)
+    if "gated" in architecture.name or "SwiGLU" in architecture.name or "GluMlp" in architecture.name:
+        assert kernels & {"gated", "gated_packed"}, str(report)
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    rows = {row.split(" | ")[0].lstrip("| "): row for row in readme_table(readme).splitlines()[2:]}
+    expected = "| " + " | ".join(coverage_row(architecture, report)) + " |"
+    assert rows.get(architecture.name) == expected, (
+        f"README's coverage row for {architecture.name} is stale: run `python tests/architectures.py --write`"
+    )

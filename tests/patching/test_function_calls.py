@@ -59,3 +59,18 @@ def test_a_rewritten_product_is_no_longer_listed():
     assert [c.call for c in function_calls.find(model)] == ["F.silu", "torch.sigmoid"]
     report = fusedact.patch(model)
     assert [c.call for c in report.calls] == ["torch.sigmoid"]  # F.silu now runs inside the gated kernel
+
+
+def test_inspect_lists_them_too():
+    from fusedact.lab.inspection import format_inspection, inspect_model
+
+    report = inspect_model(nn.Sequential(Head()))
+    assert [(row["call"], row["kind"], row["in"], row["modules"]) for row in report["function_calls"]] == [
+        ("module_level_gelu", "gelu", "Head.forward", ["0"]),
+        ("F.gelu", "gelu", "Head.forward", ["0"]),
+        (".sigmoid()", "sigmoid", "Head.forward", ["0"]),
+        ("torch.tanh", "tanh", "Head.soft_cap", ["0"]),
+    ]
+    text = format_inspection(report)
+    assert "called as functions in the code (not modules: no swap reaches them):" in text
+    assert "torch.tanh (tanh) at test_function_calls.py:" in text and "return torch.tanh(scores / cap) * cap" in text

@@ -16,31 +16,53 @@ def first_function(code: str) -> ast.FunctionDef:
     return ast.parse(code).body[0]
 
 
-def test_a_decorated_forward_shows_its_wrapper_not_the_wrapped_code():
-    """functools.wraps sets __wrapped__, which inspect.getsource follows; the wrapper is what runs."""
+def doubling(function):
+    """A wrapper that runs the function it wraps (as transformers' GradientCheckpointingLayer's does)."""
 
-    def doubling(function):
-        @functools.wraps(function)
-        def wrapper(self, x):
-            return 2 * function(self, x)
+    @functools.wraps(function)
+    def wrapper(self, x):
+        return 2 * function(self, x)
 
-        return wrapper
+    return wrapper
 
+
+IMPLEMENTATIONS = {}
+
+
+def dispatching(function):
+    """A wrapper that may run another implementation instead (as transformers' experts dispatcher)."""
+
+    @functools.wraps(function)
+    def wrapper(self, x):
+        chosen = IMPLEMENTATIONS.get(type(self).__name__, function)
+        return chosen(self, x)
+
+    return wrapper
+
+
+def mlp(decorator):
     class Decorated(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
 
-        @doubling
+        @decorator
         def forward(self, x):
             return self.act(self.fc(x))
 
-    assert source.forward_tree(Decorated).name == "wrapper"
-    model = Decorated()
-    report = fusedact.patch(model)
-    assert [c.action for c in report.changes] == ["replace"]  # no fold read from code a wrapper runs around
-    x = torch.randn(2, 4)
-    torch.testing.assert_close(model(x), 2 * torch.relu(torch.nn.functional.linear(x, model.fc.weight, model.fc.bias)))
+    return Decorated()
+
+
+def test_a_wrapped_forward_is_read_only_through_a_wrapper_that_runs_it():
+    assert source.function_tree(type(mlp(doubling)).forward).name == "wrapper"  # the code that runs
+    assert source.forward_tree(type(mlp(doubling))).name == "forward"  # looked through: it runs forward
+    assert source.forward_tree(type(mlp(dispatching))) is None  # may run something else: not read
+    for decorator, actions in ((doubling, ["fold_bias"]), (dispatching, ["replace"])):
+        model = mlp(decorator)
+        assert [c.action for c in fusedact.patch(model).changes] == actions
+        x = torch.randn(2, 4)
+        expected = torch.relu(torch.nn.functional.linear(x, model.fc.weight, model.fc.bias))
+        torch.testing.assert_close(model(x), expected * (2 if decorator is doubling else 1))
 
 
 CODE = """

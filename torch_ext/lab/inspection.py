@@ -7,10 +7,13 @@ recognizes them (``("gelu", {"approximate": "tanh"})``, ``("leaky_relu", {"negat
 ``fusedact.patching.looks_like_activation`` but that are not recognized are listed too, with kind ``None``:
 ``patch`` and ``swap`` leave them alone.
 
+Activations the code calls as functions (``F.gelu(x)``, ``torch.tanh``, ``scores.sigmoid()``), which no
+module shows, are listed with the function, file and line, and the modules whose ``forward`` calls them
+(``fusedact.patching.function_calls``: read from each module's code, nothing is run).
+
 Hugging Face models also name their activation in the config (``hidden_act``, ``activation_function``,
-``hidden_activation``, ``dense_act_fn``, ...), and some call it as a function in ``forward``, where no
-module shows it. Those names are listed with the kind they map to and how many modules of that kind the
-model has: none means the activation is called functionally.
+``hidden_activation``, ``dense_act_fn``, ...). Those names are listed with the kind they map to and how many
+modules of that kind the model has: none means the activation is called functionally.
 
     >>> report = inspect_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(approximate="tanh")))
     >>> [(row["path"], row["kind"], row["params"], row["fused"]) for row in report["activations"]]
@@ -23,7 +26,7 @@ from typing import Optional
 from torch import nn
 
 from .. import nn as fused_nn
-from ..patching import activation_kind, looks_like_activation
+from ..patching import activation_kind, function_calls, looks_like_activation
 
 # Hugging Face config attributes that name an activation (nested configs are searched too). Not T5's
 # feed_forward_proj ("gated-gelu"): it names the MLP's shape, and T5 derives dense_act_fn from it.
@@ -126,9 +129,25 @@ def config_activations(model: nn.Module, rows: Optional[list] = None) -> list[di
     return found
 
 
+def function_call_rows(model: nn.Module) -> list[dict]:
+    """One row per activation the code of ``model``'s modules calls as a function: ``{"call", "kind",
+    "where", "code", "in", "modules"}`` (``in``: ``Class.function``; ``modules``: the paths that run it)."""
+    return [
+        {
+            "call": call.call,
+            "kind": call.kind,
+            "where": call.where,
+            "code": call.code,
+            "in": f"{call.module}.{call.function}",
+            "modules": list(call.paths),
+        }
+        for call in function_calls.find(model)
+    ]
+
+
 def inspect_model(model: nn.Module) -> dict:
     """Every activation of ``model``: ``{"model", "parameters", "activations": [row, ...], "counts",
-    "fused", "config": [...]}`` (rows and config entries as in the module docstring)."""
+    "fused", "function_calls": [...], "config": [...]}`` (as in the module docstring)."""
     rows = activation_rows(model)
     return {
         "model": type(model).__name__,
@@ -136,6 +155,7 @@ def inspect_model(model: nn.Module) -> dict:
         "activations": rows,
         "counts": dict(Counter(kind_label(row) for row in rows)),
         "fused": sum(row["fused"] for row in rows),
+        "function_calls": function_call_rows(model),
         "config": config_activations(model, rows),
     }
 
@@ -170,6 +190,14 @@ def format_inspection(report: dict, title: Optional[str] = None) -> str:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths + [0], strict=True)).rstrip())
             if index == 0:
                 lines.append("  ".join("-" * width for width in widths + [5]))
+    if report.get("function_calls"):
+        lines += ["", "called as functions in the code (not modules: no swap reaches them):"]
+        for call in report["function_calls"]:
+            modules = call["modules"]
+            shown = ", ".join(modules[:3]) + (f", ... ({len(modules)} modules)" if len(modules) > 3 else "")
+            lines.append(
+                f"  {call['call']} ({call['kind']}) at {call['where']} in {call['in']}: {call['code']}  [{shown}]"
+            )
     if report["config"]:
         lines += ["", "named in the Hugging Face config:"]
         for entry in report["config"]:

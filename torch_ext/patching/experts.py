@@ -39,7 +39,7 @@ def _dispatch(cls: type) -> Optional[tuple]:
     """
     forward = getattr(cls, "forward", None)
     tree = function_tree(forward)
-    if tree is None or forward.__closure__ is None or tree.args.vararg is None or tree.args.kwarg is None:
+    if tree is None or not tree.args.args or forward.__closure__ is None or not (tree.args.vararg and tree.args.kwarg):
         return None
     self_name = tree.args.args[0].arg
     body = [statement for statement in tree.body if not is_docstring(statement)]

@@ -157,6 +157,8 @@ def find(model: nn.Module) -> list:
     with the paths of all modules of that class."""
     paths: dict = {}
     for path, module in model.named_modules():
+        if activation_kind(module) is not None or looks_like_activation(module):
+            continue  # an activation module's own code (ReLU6 calls hardtanh): the module is listed instead
         paths.setdefault(type(module), []).append(path or "(root)")
     calls = []
     for cls, where in paths.items():

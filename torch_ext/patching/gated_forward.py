@@ -18,6 +18,7 @@ import functools
 from torch import nn
 
 from .context import Context, is_patched_class
+from .kinds import activation_kind, looks_like_activation
 from .products import GatedProducts, activation_attributes, apply, plan, rewrite
 
 ACTION = "gated_mlp"
@@ -35,6 +36,8 @@ def patch(module: nn.Module, context: Context) -> None:
     cls = type(module)
     if not context.gated_mlp or is_patched_class(cls) or "forward" in module.__dict__:
         return  # a forward set on the instance is not the class's code
+    if activation_kind(module) is not None or looks_like_activation(module):
+        return  # an activation itself (QuickGELU is x * sigmoid(1.702 x)): swapped whole, or left and listed
     activations = activation_attributes(module)
     written = rewrite(cls.forward, 0, activations)
     if written is None:

@@ -63,6 +63,8 @@ class Site:
     gate_layer: Optional[str]  # the self.<layer> whose output alone is G (its bias may fold), if any
     up_layer: Optional[str]
     packed_gate_first: Optional[bool]  # None: two tensors; else halves of one chunk, the gate first or second
+    gate_width: Optional[str] = None  # the self.<layer> whose output width G has (scaled or not), if known
+    up_width: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,29 @@ class _Reader:
         call = single_call(expression, self.self_name)
         return call[0] if call and self.counts.get(call[0]) == 1 else None
 
+    def _width_of(self, expression: ast.AST, block: list, index: int, depth: int = 0) -> Optional[str]:
+        """The layer whose output width ``expression`` has: ``self.layer(x)``, that times or over a scalar
+        attribute or constant (Falcon-H1's ``gate_proj(x) * gate_multiplier``), or a variable assigned one."""
+        if depth > 4:
+            return None
+        if isinstance(expression, ast.Name):
+            definition = reaching_definition(block, index, expression.id)
+            statement = None if definition is None else block[definition]
+            if statement is None or not isinstance(statement.targets[0], ast.Name):
+                return None
+            return self._width_of(statement.value, block, definition, depth + 1)
+        if isinstance(expression, ast.BinOp) and isinstance(expression.op, (ast.Mult, ast.Div)):
+            for side, other in ((expression.left, expression.right), (expression.right, expression.left)):
+                scalar = isinstance(other, ast.Constant) or self_attribute(other, self.self_name) is not None
+                if scalar and (width := self._width_of(side, block, index, depth + 1)):
+                    return width
+            return None
+        call = single_call(expression, self.self_name)
+        return call[0] if call else None
+
     def _site(self, activated: ast.AST, up: ast.AST, block: list, index: int) -> Optional[tuple]:
-        """((label, attribute, function kind, gate layer, up layer, packed gate first), edit), or None."""
+        """((label, attribute, function kind, gate layer, up layer, packed gate first, gate width, up width),
+        edit), or None."""
         call, temporary = self._activation(activated), None
         if call is None and isinstance(activated, ast.Name):  # h = self.act(G) earlier, h read only here
             definition = reaching_definition(block, index, activated.id)
@@ -233,7 +256,9 @@ class _Reader:
             None if temporary is not None and isinstance(gate, ast.Name) else self._layer_of(gate, block, index)
         )
         up_layer = self._layer_of(up, block, index)
-        fields = (label, attribute, kind, gate_layer, up_layer, None)
+        gate_at = index if temporary is None else block.index(temporary)
+        widths = (self._width_of(gate, block, gate_at), self._width_of(up, block, index))
+        fields = (label, attribute, kind, gate_layer, up_layer, None, *widths)
         return fields, ("temporary" if temporary is not None else "direct", activated, gate, up, temporary)
 
 
@@ -267,7 +292,7 @@ def rewrite(function, start: int = 0, activations: frozenset = frozenset()) -> O
     product of two layers' outputs is not a site); functions are resolved from the code. Sites are numbered
     from ``start``."""
     original = function_tree(function)
-    if original is None or not can_compile(function, original):
+    if original is None or not original.args.args or not can_compile(function, original):
         return None
     tree = copy.deepcopy(original)
     found = _Reader(tree, function, start, activations).sites()
@@ -390,14 +415,23 @@ def _site_activation(module: nn.Module, site: Site, context: Context) -> Optiona
     return GATED[kind[0]], dict(kind[1])
 
 
+def _width(module: nn.Module, name: Optional[str]) -> Optional[int]:
+    layer = getattr(module, name, None) if name else None
+    width = getattr(layer, "out_features", None) if isinstance(layer, nn.Module) else None
+    if width is None and type(layer).__name__ == "Conv1D":  # transformers' (GPT-2's): weight [in, out]
+        width = getattr(layer, "nf", None)
+    return width if isinstance(width, int) else None
+
+
 def _same_widths(module: nn.Module, site: Site) -> bool:
-    """False where the layers the code shows feeding the two operands have different widths: one broadcasts
-    over the other (Qwen2-MoE's ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``, a gate of width 1)."""
-    widths = [
-        getattr(getattr(module, name, None), "out_features", None) if name else None
-        for name in (site.gate_layer, site.up_layer)
-    ]
-    return 1 not in widths and (None in widths or widths[0] == widths[1])
+    """Whether the code proves both operands the same width: the halves of one chunk, or the outputs of two
+    layers of the same width (> 1). Anything else may broadcast (SqueezeExcite's ``x * gate(x_se)``,
+    Qwen2-MoE's ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``): the site is not claimed. Leading
+    dimensions (a scale attribute that broadcasts) are checked at each call (``_fits``)."""
+    if site.packed_gate_first is not None:
+        return True
+    gate, up = _width(module, site.gate_width), _width(module, site.up_width)
+    return gate is not None and gate == up and gate > 1
 
 
 def _foldable(module: nn.Module, name: Optional[str], context: Context, taken: set) -> Optional[tuple]:

@@ -5,15 +5,19 @@ helpers parse that code with ``ast`` (never run it) and answer small questions a
 ``self.<attribute>`` is called on what, how often each attribute is mentioned, which value of a variable
 reaches a statement and who else reads it.
 
-The code read is the code that runs: the source of the function's own code object. A decorated forward
-(``functools.wraps`` sets ``__wrapped__``, which ``inspect.getsource`` follows) shows its wrapper, not the
-function it wraps, so no rule reasons about code that a wrapper may bypass.
+The code read is the code that runs: the source of the function's own code object (``inspect.getsource``
+of a function follows ``__wrapped__``, so a decorated forward would show the function it wraps even where
+the wrapper runs something else). ``forward_tree`` looks through a wrapper only where the wrapper's own
+code shows it runs the wrapped function (every ``return`` returns what calling it gave: transformers'
+``GradientCheckpointingLayer`` and ``deprecate_kwarg`` wrappers), never through a dispatcher that may run
+another implementation (transformers' experts).
 """
 
 import ast
 import functools
 import inspect
 import textwrap
+import types
 from typing import Optional
 
 
@@ -31,14 +35,61 @@ def function_tree(function) -> Optional[ast.FunctionDef]:
         tree = ast.parse(source).body[0]
     except (OSError, TypeError, SyntaxError, IndexError):
         return None
-    if not isinstance(tree, ast.FunctionDef) or tree.name != code.co_name or not tree.args.args:
+    if not isinstance(tree, ast.FunctionDef) or tree.name != code.co_name:
         return None
     return tree
 
 
+def _returns_what_it_calls(wrapper) -> bool:
+    """Whether ``wrapper`` (with ``__wrapped__``) runs the function it wraps: each of its ``return`` values
+    mentions the closure variable holding it, directly or through a variable every assignment of which does."""
+    wrapped = getattr(wrapper, "__wrapped__", None)
+    tree = function_tree(wrapper)
+    if tree is None or wrapper.__closure__ is None:
+        return False
+    names = [
+        name
+        for name, cell in zip(wrapper.__code__.co_freevars, wrapper.__closure__, strict=True)
+        if cell.cell_contents is wrapped
+    ]
+    if len(names) != 1:
+        return False
+
+    def mentions(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Name) and n.id == names[0] for n in ast.walk(node))
+
+    assigned: dict = {}
+    for node in walk_scope(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assigned.setdefault(target.id, []).append(node.value)
+    returns = [node for node in walk_scope(tree) if isinstance(node, ast.Return)]
+
+    def runs(value) -> bool:
+        if value is None:
+            return False
+        if mentions(value):
+            return True
+        return isinstance(value, ast.Name) and bool(assigned.get(value.id)) and all(map(mentions, assigned[value.id]))
+
+    return bool(returns) and all(runs(node.value) for node in returns)
+
+
+@functools.cache
 def forward_tree(cls: type) -> Optional[ast.FunctionDef]:
-    """The parsed ``cls.forward``, or None where its source cannot be read."""
-    return function_tree(getattr(cls, "forward", None))
+    """The parsed ``cls.forward``, looking through wrappers that run it (``_returns_what_it_calls``), or None
+    where its source cannot be read. Rules that replace ``forward`` read ``function_tree(cls.forward)``
+    instead: replacing a wrapped forward would drop its wrapper."""
+    forward = getattr(cls, "forward", None)
+    for _ in range(8):  # a forward wrapped several times (a subclass of a wrapped layer)
+        if not isinstance(getattr(forward, "__wrapped__", None), types.FunctionType):
+            break
+        if not _returns_what_it_calls(forward):
+            return None
+        forward = forward.__wrapped__
+    tree = function_tree(forward)
+    return tree if tree is not None and tree.args.args else None  # a method: its first argument is self
 
 
 def self_attribute(node: ast.AST, self_name: str) -> Optional[str]:
