@@ -65,6 +65,7 @@ from .overhead import breakdown_table, measure_breakdown, measure_overhead
 from .report import (
     CPU_LEGEND,
     CPU_NOTE,
+    FORMATS,
     SWEEP_LEGEND,
     Progress,
     check_targets,
@@ -103,6 +104,7 @@ class Settings:
     shapes: tuple[tuple[int, int], ...]
     compile_shapes: tuple[tuple[int, int], ...]
     compile_dtypes: tuple[str, ...]
+    compile_ops: tuple[str, ...]
     modes: tuple[str, ...]
     providers: tuple[str, ...]
     sections: tuple[str, ...]
@@ -110,9 +112,11 @@ class Settings:
     quick: bool
     time_limit_s: Optional[float]
 
-    def providers_at(self, dtype_name: str, shape: tuple[int, int]) -> tuple[str, ...]:
-        """The compiled providers run only at ``compile_dtypes`` x ``compile_shapes``; the others everywhere."""
+    def providers_at(self, dtype_name: str, shape: tuple[int, int], op_name: Optional[str] = None) -> tuple[str, ...]:
+        """The compiled providers run only at ``compile_dtypes`` x ``compile_shapes`` x ``compile_ops``; the
+        others everywhere."""
         compiled_here = dtype_name in self.compile_dtypes and shape in self.compile_shapes
+        compiled_here = compiled_here and (op_name is None or op_name in self.compile_ops)
         return tuple(p for p in self.providers if p not in COMPILE_MODES or compiled_here)
 
     def points(self) -> list[tuple[str, str, tuple[int, int]]]:
@@ -166,6 +170,9 @@ def build_parser(op_names: Sequence[str]) -> argparse.ArgumentParser:
         help="dtypes at which torch.compile runs (default: the first swept dtype on a GPU, every one on the CPU)",
     )
     parser.add_argument(
+        "--compile-ops", nargs="+", choices=op_names, metavar="OP", help="ops torch.compile runs for (default: all)"
+    )
+    parser.add_argument(
         "--modes", nargs="+", choices=MODES, metavar="MODE", help="fwd bwd fwd+bwd (default: all; CPU: fwd fwd+bwd)"
     )
     parser.add_argument(
@@ -189,6 +196,10 @@ def build_parser(op_names: Sequence[str]) -> argparse.ArgumentParser:
         metavar="DIR",
         help="write JSON, CSV, markdown and PNG plots into DIR (no DIR: bench/results/<device>-<date>/, to commit; "
         "default: bench-results/<device>-<date>/, git-ignored)",
+    )
+    parser.add_argument("--name", metavar="STEM", help="file names STEM.json, STEM.md, ... (default: the device)")
+    parser.add_argument(
+        "--formats", nargs="+", choices=FORMATS, default=list(FORMATS), metavar="FORMAT", help="json csv md png"
     )
     parser.add_argument("--plan", action="store_true", help="print what would run and a rough time; run nothing")
     return parser
@@ -228,8 +239,9 @@ def resolve_compile_points(
     return compile_shapes, tuple(compile_dtypes)
 
 
-def parse_args(argv: Sequence[str]) -> tuple[Settings, torch.device, Optional[str], bool, list[str]]:
-    """Settings, device, ``--out`` (None, "" for the default directory, or DIR), ``--plan``, and notes."""
+def parse_args(argv: Sequence[str]) -> tuple[Settings, torch.device, argparse.Namespace, list[str]]:
+    """Settings, device, the parsed arguments (``out``: None, "" for the default directory, or DIR;
+    ``plan``, ``name``, ``formats``), and notes."""
     ops = available_ops()
     parser = build_parser(list(ops))
     args = parser.parse_args(argv)
@@ -268,6 +280,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, torch.device, Optional[st
         shapes=shapes,
         compile_shapes=compile_shapes,
         compile_dtypes=compile_dtypes,
+        compile_ops=tuple(args.compile_ops or op_names),
         modes=tuple(args.modes or (MODES if device.type == "cuda" else CPU_DEFAULT_MODES)),
         providers=tuple(providers),
         sections=tuple(args.sections or SECTIONS),
@@ -275,7 +288,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, torch.device, Optional[st
         quick=args.quick,
         time_limit_s=args.time_limit,
     )
-    return settings, device, args.out, args.plan, notes
+    return settings, device, args, notes
 
 
 # Rough costs for --plan: seconds per timing beyond its rep time, per point, per compile of one graph.
@@ -289,7 +302,7 @@ def plan(settings: Settings, device: torch.device) -> str:
     """What the sweep runs, and a rough estimate of its time (the sections before it add about a minute
     on a GPU with torch.compile, seconds without)."""
     points = settings.points()
-    providers = [settings.providers_at(dtype, shape) for dtype, _, shape in points]
+    providers = [settings.providers_at(dtype, shape, op) for dtype, op, shape in points]
     timings = sum(len(here) for here in providers) * len(settings.modes)
     compiled = sum(provider in COMPILE_MODES for here in providers for provider in here)
     graphs = 2 * compiled  # an inference graph and a training graph (forward + backward) per point
@@ -326,7 +339,7 @@ def run_sweep(
     gpu = device.type == "cuda"
     print(sweep_header(providers, show_copy=gpu), flush=True)
     progress = Progress(len(points))
-    skipped = []
+    skipped = report["skipped"]  # filled as it goes: an interrupted run still lists what it left out
     compile_cost_s = 2 * PLAN_COSTS[device.type]["compile"]
     try:
         for dtype_name, op_name, shape in points:
@@ -335,7 +348,7 @@ def run_sweep(
             if settings.time_limit_s is not None and elapsed > settings.time_limit_s:
                 skipped.append(label)
                 continue
-            here = settings.providers_at(dtype_name, shape)
+            here = settings.providers_at(dtype_name, shape, op_name)
             compiled = [p for p in here if p in COMPILE_MODES]
             if compiled and not compile_fits(settings.time_limit_s, elapsed, len(compiled) * compile_cost_s):
                 here = tuple(p for p in here if p not in COMPILE_MODES)
@@ -358,6 +371,31 @@ def run_sweep(
     return report["results"], skipped
 
 
+def run_sections(settings: Settings, device: torch.device, report: dict, save) -> None:
+    """The copy bandwidth, then each selected section in order, filling ``report`` as each ends."""
+    report["copy_bandwidth"] = copy = copy_bandwidth(device, settings.rep_ms)
+    print(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] / 2**30:.2f} GiB read + written)\n")
+    if "overhead" in settings.sections:
+        report["host_overhead"] = measure_overhead(available_ops(), settings.dtypes[0], device, settings.quick)
+        report["host_overhead_breakdown"] = measure_breakdown(device, settings.quick)
+        print("## Host overhead (one intra-op thread)\n\n" + overhead_table(report["host_overhead"]) + "\n")
+        print(breakdown_table(report["host_overhead_breakdown"]) + "\n", flush=True)
+        save(report)
+    if "memory" in settings.sections:
+        report["memory"] = measure_blocks(
+            settings.providers, settings.dtypes[0], device, settings.rep_ms, settings.quick
+        )
+        print("## Training memory and step time of MLP blocks\n\n" + memory_table(report["memory"]) + "\n")
+        save(report)
+    if "linear" in settings.sections:
+        report["linear"] = measure_linear(device, settings.dtypes[0], settings.rep_ms, settings.quick)
+        print("## Bias in the GEMM: eager F.linear(a, W, b) + act vs fusedact\n\n" + linear_table(report["linear"]))
+        print("\n" + LINEAR_LEGEND + "\n", flush=True)
+        save(report)
+    if "sweep" in settings.sections:
+        run_sweep(settings, device, copy["gbps"], report, save)
+
+
 def compile_fits(time_limit_s: Optional[float], elapsed_s: float, estimate_s: float) -> bool:
     """Whether a point's compiled providers, estimated at ``estimate_s``, end before the time limit."""
     return time_limit_s is None or elapsed_s + estimate_s <= time_limit_s
@@ -366,12 +404,12 @@ def compile_fits(time_limit_s: Optional[float], elapsed_s: float, estimate_s: fl
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark: print tables and write every file (``--out``, else ``bench-results/``). Returns 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    settings, device, out_argument, plan_only, notes = parse_args(argv)
-    if plan_only:
+    settings, device, args, notes = parse_args(argv)
+    if args.plan:
         print(plan(settings, device))
         return 0
     metadata = environment(device, argv)
-    out_dir = out_dir_from(out_argument, metadata)
+    out_dir = out_dir_from(args.out, metadata)
     gpu = device.type == "cuda"
     report = {
         "metadata": metadata,
@@ -400,7 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         last_save[0] = now
         current["elapsed_s"] = round(now - current["started"], 1)
         current["targets"] = check_targets(current)
-        write_report({k: v for k, v in current.items() if k != "started"}, out_dir, with_plots=final)
+        kept = {k: v for k, v in current.items() if k != "started"}
+        write_report(kept, out_dir, with_plots=final, name=args.name, formats=args.formats)
 
     print(f"# fusedact benchmark: {metadata['device']}\n")
     print(" | ".join(f"{key}: {metadata[key]}" for key in ("torch", "triton", "fusedact", "git_commit")))
@@ -415,25 +454,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous_cpu_backend = fusedact.get_cpu_backend()
     fusedact.set_cpu_backend("torch")  # CPU numbers are the fallback's, as labelled, even under TRITON_INTERPRET=1
     try:
-        report["copy_bandwidth"] = copy = copy_bandwidth(device, settings.rep_ms)
-        print(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] / 2**30:.2f} GiB read + written)\n")
-        if "overhead" in settings.sections:
-            report["host_overhead"] = measure_overhead(available_ops(), settings.dtypes[0], device, settings.quick)
-            report["host_overhead_breakdown"] = measure_breakdown(device, settings.quick)
-            print("## Host overhead (one intra-op thread)\n\n" + overhead_table(report["host_overhead"]) + "\n")
-            print(breakdown_table(report["host_overhead_breakdown"]) + "\n", flush=True)
-            save(report)
-        if "memory" in settings.sections:
-            report["memory"] = measure_blocks(settings.providers, settings.dtypes[0], device, settings.rep_ms)
-            print("## Training memory and step time of MLP blocks\n\n" + memory_table(report["memory"]) + "\n")
-            save(report)
-        if "linear" in settings.sections:
-            report["linear"] = measure_linear(device, settings.dtypes[0], settings.rep_ms, settings.quick)
-            print("## Bias in the GEMM: eager F.linear(a, W, b) + act vs fusedact\n\n" + linear_table(report["linear"]))
-            print("\n" + LINEAR_LEGEND + "\n", flush=True)
-            save(report)
-        if "sweep" in settings.sections:
-            _, report["skipped"] = run_sweep(settings, device, copy["gbps"], report, save)
+        run_sections(settings, device, report, save)
+    except KeyboardInterrupt:  # SIGINT (bench.gpu_run's time box): write what was measured, then stop
+        report["notes"].append("interrupted (SIGINT): the results stop where the run was cut")
+        print("\ninterrupted: writing what was measured", flush=True)
     finally:
         fusedact.set_cpu_backend(previous_cpu_backend)
 

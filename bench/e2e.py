@@ -219,8 +219,12 @@ def run(
     warmup: int,
     steps: int,
     print_row=print,
+    rows: Optional[list] = None,
+    save: Callable[[list], None] = lambda rows: None,
 ) -> list[dict]:
-    rows = []
+    """Every model x variant; each row is printed and ``save(rows)`` called as it comes (into ``rows``
+    when given, so that a caller interrupted mid-run keeps the rows done)."""
+    rows = [] if rows is None else rows
     for name in models:
         torch.manual_seed(0)
         base, loss_fn, batch = BUILDERS[name](size)
@@ -238,13 +242,19 @@ def run(
                 result["loss_vs_eager"] = abs(result["first_loss"] - eager_loss) / max(abs(eager_loss), 1e-12)
             rows.append(result)
             print_row(format_row(result, rows))
+            add_speedups(rows)
+            save(rows)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Each row's ``speedup_vs_eager``: the eager variant's median step time of its model over its own."""
     for row in rows:
         eager = next(
             (r for r in rows if r["model"] == row["model"] and r["variant"] == "eager" and "median_ms" in r), None
         )
         if eager is not None and "median_ms" in row:
             row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
-    return rows
 
 
 HEADER = (
@@ -263,6 +273,19 @@ def format_row(row: dict, rows: Optional[list] = None) -> str:
         f"{row['throughput']:,.0f} {row['unit']} | {memory} | {row['first_loss']:.5f} | "
         f"{'-' if relative is None else f'{relative:.1e}'} |"
     )
+
+
+def write_files(stem: Path, metadata: dict, rows: Sequence[dict]) -> None:
+    """``stem``.json (environment and rows) and ``stem``.md (the table), each replaced whole."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# End-to-end training step, {metadata['device']}, {metadata['date']}", "", HEADER]
+    lines += [format_row(row) for row in rows]
+    texts = {".json": json.dumps({"environment": metadata, "rows": list(rows)}, indent=1)}
+    texts[".md"] = "\n".join(lines) + "\n"
+    for suffix, text in texts.items():
+        partial = stem.with_suffix(suffix + ".partial")
+        partial.write_text(text)
+        partial.replace(stem.with_suffix(suffix))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,14 +326,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not gpu:
         print("CPU: fusedact's PyTorch fallback, not the Triton kernels; a check of the harness, not a measurement.")
     print(HEADER)
-    rows = run(args.models, variants, device, dtype, size, warmup, steps)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"e2e-{'gpu' if gpu else 'cpu'}"
-        stem.with_suffix(".json").write_text(json.dumps({"environment": metadata, "rows": rows}, indent=1))
-        lines = [f"# End-to-end training step, {metadata['device']}, {metadata['date']}", "", HEADER]
-        lines += [format_row(row) for row in rows]
-        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem = None if args.out is None else args.out / f"e2e-{'gpu' if gpu else 'cpu'}"
+
+    def save(rows: list) -> None:
+        if stem is not None:
+            write_files(stem, metadata, rows)
+
+    rows: list = []
+    try:
+        run(args.models, variants, device, dtype, size, warmup, steps, rows=rows, save=save)
+    except KeyboardInterrupt:  # SIGINT (bench.gpu_run's time box): the rows done are already written
+        print("interrupted: the rows above are written", flush=True)
+    if stem is not None:
+        save(rows)
         print(f"wrote {stem}.json and {stem}.md")
     return 1 if any("error" in row for row in rows if row["variant"] in ("eager", "fusedact")) else 0
 

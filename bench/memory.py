@@ -59,6 +59,7 @@ BLOCKS = (
 )
 # tokens, model dim D, hidden F: Llama-2-7B's MLP on 8192 tokens; a small stand-in on the CPU.
 BLOCK_SIZES = {"cuda": (8192, 4096, 11008), "cpu": (256, 256, 1024)}
+QUICK_BLOCK_SIZES = {"cuda": (1024, 1024, 2816), "cpu": (32, 64, 256)}
 
 
 def block_function(block: Block, provider: str) -> Callable[..., Tensor]:
@@ -94,10 +95,10 @@ def peak_step_memory(function: Callable[..., Tensor], leaves: Sequence[Tensor], 
 
 
 def measure_block(
-    block: Block, providers: Sequence[str], dtype_name: str, device: torch.device, rep_ms: float
+    block: Block, providers: Sequence[str], dtype_name: str, device: torch.device, rep_ms: float, quick: bool = False
 ) -> list[dict]:
     """One record per provider: peak memory (GPU), step time, and the max difference from eager's output."""
-    sizes, dtype = BLOCK_SIZES[device.type], DTYPES[dtype_name]
+    sizes, dtype = (QUICK_BLOCK_SIZES if quick else BLOCK_SIZES)[device.type], DTYPES[dtype_name]
     leaves = make_block_leaves(block, sizes, dtype, device)
     grad_out = torch.randn(sizes[0], sizes[1], dtype=dtype, device=device)
     with torch.no_grad():
@@ -123,7 +124,12 @@ def measure_block(
     return records
 
 
-def measure_blocks(providers: Sequence[str], dtype_name: str, device: torch.device, rep_ms: float) -> list[dict]:
+def measure_blocks(
+    providers: Sequence[str], dtype_name: str, device: torch.device, rep_ms: float, quick: bool = False
+) -> list[dict]:
     """``measure_block`` for every block: fusedact, eager, and torch.compile's default mode if selected."""
     block_providers = [p for p in providers if p in ("fusedact", "eager", "compile")]
-    return [record for block in BLOCKS for record in measure_block(block, block_providers, dtype_name, device, rep_ms)]
+    records = []
+    for block in BLOCKS:
+        records += measure_block(block, block_providers, dtype_name, device, rep_ms, quick)
+    return records

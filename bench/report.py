@@ -8,6 +8,7 @@ the markdown file every table, the PNGs the bandwidth and speedup curves. File n
 
 import csv
 import datetime
+import io
 import json
 import os
 import platform
@@ -423,8 +424,11 @@ def markdown_report(report: dict, plot_files: Sequence[str] = ()) -> str:
     if report.get("linear"):
         parts += ["", "## Bias in the GEMM: eager F.linear(a, W, b) + act vs fusedact", ""]
         parts += [linear_table(report["linear"]), "", LINEAR_LEGEND]
-    parts += ["", "## Training memory and step time of MLP blocks", "", memory_table(report["memory"])]
-    parts += ["", "## Host overhead (tiny tensor, one intra-op thread)", "", overhead_table(report["host_overhead"])]
+    if report["memory"]:
+        parts += ["", "## Training memory and step time of MLP blocks", "", memory_table(report["memory"])]
+    if report["host_overhead"]:
+        parts += ["", "## Host overhead (tiny tensor, one intra-op thread)", ""]
+        parts += [overhead_table(report["host_overhead"])]
     if report.get("host_overhead_breakdown"):
         parts += ["", "### One call taken apart", "", breakdown_table(report["host_overhead_breakdown"])]
     if report.get("compile_cut"):
@@ -465,18 +469,37 @@ def csv_rows(results: Iterable[dict]) -> Iterable[dict]:
             yield row
 
 
-def write_report(report: dict, out_dir: Path, with_plots: bool) -> list[Path]:
-    """Write JSON, CSV, markdown (and the plots when asked) into ``out_dir``; returns the paths written."""
+FORMATS = ("json", "csv", "md", "png")
+
+
+def write_report(
+    report: dict, out_dir: Path, with_plots: bool, name: Optional[str] = None, formats: Sequence[str] = FORMATS
+) -> list[Path]:
+    """Write ``formats`` of the report (JSON, CSV, markdown, and the plots when ``with_plots``) into
+    ``out_dir`` as ``<name>.<format>`` (``name``: the device's slug by default); returns the paths written.
+    Each file is written whole and then renamed into place: a run killed mid-write leaves the last
+    complete file, never half of one."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(report["metadata"]["device"])
-    plot_paths = write_plots(report, out_dir, slug) if with_plots else []
-    paths = [out_dir / f"{slug}.json", out_dir / f"{slug}.csv", out_dir / f"{slug}.md"]
-    paths[0].write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
-    with open(paths[1], "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
+    stem = name or device_slug(report["metadata"]["device"])
+    plot_paths = write_plots(report, out_dir, stem) if with_plots and "png" in formats else []
+    texts = {}
+    if "json" in formats:
+        texts["json"] = json.dumps(report, indent=1, allow_nan=True) + "\n"
+    if "csv" in formats:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(csv_rows(report["results"]))
-    paths[2].write_text(markdown_report(report, [p.name for p in plot_paths]))
+        texts["csv"] = buffer.getvalue()
+    if "md" in formats:
+        texts["md"] = markdown_report(report, [p.name for p in plot_paths])
+    paths = []
+    for extension, text in texts.items():
+        path = out_dir / f"{stem}.{extension}"
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
+        paths.append(path)
     return paths + plot_paths
 
 
