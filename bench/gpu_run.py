@@ -67,8 +67,9 @@ FIRST_TESTS = (
     "test_rounding.py",
     "test_nn.py",
 )
-# Last: the harness's own tests (they run on the CPU), and never the dry run from inside the real run.
-LAST_TESTS = ("test_bench.py", "test_bench_e2e.py")
+# Last: the harness's own tests (they run on the CPU; test_ptx compiles for sm_90 without a GPU), and never
+# the dry run from inside the real run. Every other test file (tests/**/test_*.py) runs in between.
+LAST_TESTS = ("test_ptx.py", "test_bench.py", "test_bench_e2e.py")
 NOT_ON_GPU = ("test_gpu_run.py",)
 DRY_TEST = "tests/test_bench.py::test_parse_shape"
 
@@ -154,11 +155,13 @@ def env_commands(run: Run) -> list[list[str]]:
 
 
 def test_files(root: Path = ROOT) -> tuple[list[str], list[str]]:
-    """(test files in the order they run, names in FIRST_TESTS/LAST_TESTS that do not exist)."""
-    present = {path.name for path in (root / "tests").glob("test_*.py")}
+    """(test files in the order they run, names in FIRST_TESTS/LAST_TESTS that do not exist). Names are
+    paths under tests/ (``patching/test_source.py``)."""
+    tests = root / "tests"
+    present = {path.relative_to(tests).as_posix() for path in tests.rglob("test_*.py")}
     named = FIRST_TESTS + LAST_TESTS
     missing = [name for name in named if name not in present]
-    middle = sorted(present - set(named) - set(NOT_ON_GPU))
+    middle = sorted(present - set(named) - set(NOT_ON_GPU), key=lambda name: ("/" in name, name))  # the ops' first
     order = [name for name in FIRST_TESTS if name in present] + middle
     order += [name for name in LAST_TESTS if name in present]
     return [f"tests/{name}" for name in order], missing

@@ -86,10 +86,12 @@ def test_boxes_keep_the_later_parts_minimum_and_the_last_part_gets_the_rest():
 def test_the_tests_run_kernels_first_and_never_the_dry_run_itself():
     files, missing = gpu_run.test_files()
     assert missing == [], f"gpu_run names test files that do not exist: {missing}"
-    names = [Path(name).name for name in files]
+    names = [name.removeprefix("tests/") for name in files]
     assert names[: len(gpu_run.FIRST_TESTS)] == list(gpu_run.FIRST_TESTS)
     assert names[-len(gpu_run.LAST_TESTS) :] == list(gpu_run.LAST_TESTS)
     assert "test_gpu_run.py" not in names and len(names) == len(set(names))
+    every = {path.relative_to(ROOT / "tests").as_posix() for path in (ROOT / "tests").rglob("test_*.py")}
+    assert set(names) == every - {"test_gpu_run.py"}, "every test file runs, those in subfolders too"
 
 
 def test_the_gpu_sweep_points_are_the_issues_key_points():
