@@ -1026,3 +1026,102 @@ def mlp_of(
             return _mlp(*lean, kernel_activation, param)
     z = fc1(x)
     return fc2(functional.bias_act(z, _kernel_bias(bias_of, z), activation, **params))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor parallelism with DTensor activations: how fusedact's per-element ops shard.
+#
+# With ColwiseParallel's default (local outputs) the activations are plain tensors and only a folded bias
+# is a DTensor (``local_bias``). With ``use_local_output=False`` (or SequenceParallel plans) the activation
+# itself is a DTensor and fusedact's custom ops need sharding strategies: this registers them. Prototype
+# for ops.py, which would call it at import where torch.distributed.tensor exists (issue 15's last item).
+
+
+def _per_element_strategies(args: tuple, roles: Sequence[str], outputs: Sequence[str], channel_dim: int, splittable):
+    """Acceptable (output placements, input placements) of a per-element op with per-channel vectors.
+
+    ``roles`` per argument: ``"x"`` (shaped like the activation), ``"channel"`` (a per-channel vector along
+    ``channel_dim``, or one value shared by every channel: PReLU's single slope), anything else (not a
+    tensor). ``outputs`` per result: ``"x"``, or ``"channel"`` (the gradient of the next per-channel input,
+    in order). Everything replicated; or every ``"x"`` sharded along one dimension ``d`` (only where
+    ``splittable(d)``: a packed [gate | up] split along its last dimension would mix the halves), the
+    vectors sharded with their channels (``Shard(0)``) when ``d`` is the channel dimension, else replicated,
+    and a replicated vector's gradient (a sum over the elements of every shard) a partial sum."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    x = args[list(roles).index("x")]
+    vectors = [a for a, role in zip(args, roles, strict=True) if role == "channel"]
+
+    def strategy(d: Optional[int]) -> tuple[list, list]:
+        def vector(a):
+            if d is None:
+                return Replicate()
+            shared = a.shape[0] == 1 and x.shape[channel_dim] != 1
+            return Shard(0) if d == channel_dim and not shared else Replicate()
+
+        def gradient(a):
+            if a is None or d is None:  # no such input: an empty placeholder
+                return Replicate()
+            placement = vector(a)
+            return placement if placement.is_shard() else Partial()
+
+        sharded = Replicate() if d is None else Shard(d)
+        inputs = [
+            sharded if role == "x" else vector(a) if role == "channel" and a is not None else None
+            for a, role in zip(args, roles, strict=True)
+        ]
+        gradients = iter(vectors)
+        return [sharded if kind == "x" else gradient(next(gradients)) for kind in outputs], inputs
+
+    return [strategy(None)] + [strategy(d) for d in range(x.ndim) if splittable(d)]
+
+
+def register_dtensor_sharding() -> None:
+    """Register how ``fusedact::bias_act``, ``gated``, ``gated_packed`` and their backward ops shard, so
+    they take DTensor activations (tensor parallelism with DTensor outputs): per element, a bias sharded
+    with its channels. Idempotent (a second call registers the same strategies again).
+
+        >>> fusedact.mlp.register_dtensor_sharding()
+        >>> y = fusedact.gelu(dtensor_x, dtensor_bias)   # each rank runs the kernel on its shard
+    """
+    from torch.distributed.tensor.experimental import register_sharding
+
+    aten = torch.ops.fusedact
+
+    @register_sharding(aten.bias_act.default)
+    def _(x, bias, weight, activation, param, dim):
+        return _per_element_strategies(
+            (x, bias, weight, activation, param, dim), ("x", "channel", "channel", "", "", ""), ("x",), dim, bool
+        )
+
+    @register_sharding(aten.bias_act_backward.default)
+    def _(grad_y, saved, bias, weight, activation, param, dim, saved_is_output, compute_bias, compute_weight):
+        args = (grad_y, saved, bias, weight, activation, param, dim, saved_is_output, compute_bias, compute_weight)
+        roles = ("x", "x", "channel", "channel", "", "", "", "", "", "")
+        return _per_element_strategies(args, roles, ("x", "channel", "channel"), dim, bool)
+
+    def last(t):
+        return t.ndim - 1
+
+    @register_sharding(aten.gated.default)
+    def _(gate, up, gate_bias, up_bias, activation, param):
+        args = (gate, up, gate_bias, up_bias, activation, param)
+        return _per_element_strategies(args, ("x", "x", "channel", "channel", "", ""), ("x",), last(gate), bool)
+
+    @register_sharding(aten.gated_backward.default)
+    def _(grad_y, gate, up, gate_bias, up_bias, activation, param, compute_bias):
+        args = (grad_y, gate, up, gate_bias, up_bias, activation, param, compute_bias)
+        roles = ("x", "x", "x", "channel", "channel", "", "", "")
+        return _per_element_strategies(args, roles, ("x", "x", "channel", "channel"), last(gate), bool)
+
+    # Packed [gate | up]: a shard of the last dimension is not [gate shard | up shard], so not there.
+    @register_sharding(aten.gated_packed.default)
+    def _(x, bias, activation, param, gate_first):
+        args = (x, bias, activation, param, gate_first)
+        return _per_element_strategies(args, ("x", "channel", "", "", ""), ("x",), last(x), lambda d: d != last(x))
+
+    @register_sharding(aten.gated_packed_backward.default)
+    def _(grad_y, x, bias, activation, param, gate_first, compute_bias):
+        args = (grad_y, x, bias, activation, param, gate_first, compute_bias)
+        roles = ("x", "x", "channel", "", "", "", "")
+        return _per_element_strategies(args, roles, ("x", "channel"), last(x), lambda d: d != last(x))
