@@ -12,7 +12,8 @@ CPU (``paired_cpu_ms``): the providers of a point are timed in *rounds*: each ro
 once, in an order that rotates from round to round, so that a busy machine's drift (another process, the
 clock) hits all of them alike; a provider's time is the median over the rounds, and fusedact's ratio to
 another provider is the median of the per-round ratios, with their 20-80 % range as the spread. A sample
-is a batch of calls lasting at least ``MIN_SAMPLE_S`` (a 20 us call is timed as 50 calls), one input set
+is a batch of calls lasting at least ``MIN_SAMPLE_S`` (a 20 us call is timed as 50 calls; the first
+round's single calls set the batches), one input set
 (the CPU's caches are part of what a CPU user gets). At least ``MIN_CPU_ROUNDS`` rounds (a median of 5
 is moved by no 2 outliers) and more while the time budget lasts: a [8192, 4096] point gets 5, a tiny one
 up to ``MAX_CPU_ROUNDS``.
@@ -65,13 +66,9 @@ def quantiles(samples: Sequence[float]) -> list[float]:
 # CPU
 
 
-def calls_per_sample(call: Callable[[], object]) -> int:
-    """How many calls make one sample of at least ``MIN_SAMPLE_S``, from one timed call (the caller has
-    made the first, untimed: at [8192, 4096] a call costs a second, and each one counts)."""
-    begin = time.perf_counter()
-    call()
-    one = time.perf_counter() - begin
-    return max(1, min(1000, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
+def calls_per_sample(one_call_s: float) -> int:
+    """How many calls make one sample of at least ``MIN_SAMPLE_S``, given one call's time."""
+    return max(1, min(1000, math.ceil(MIN_SAMPLE_S / max(one_call_s, 1e-9))))
 
 
 def paired_cpu_ms(
@@ -85,7 +82,9 @@ def paired_cpu_ms(
     ``synchronize`` (the host overhead on a GPU) runs before each batch's clock starts and stops."""
     synchronize = synchronize or (lambda: None)
     names = list(calls)
-    batch = {name: calls_per_sample(calls[name]) for name in names}  # also the warm-up
+    # The first round times single calls and sets each name's batch from them: no call is spent on
+    # calibrating alone (at [8192, 4096] a call costs up to a second, and each one counts).
+    batch = dict.fromkeys(names, 1)
     samples: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
     for round_index in itertools.count():
@@ -100,6 +99,8 @@ def paired_cpu_ms(
                 call()
             synchronize()
             samples[name].append((time.perf_counter() - begin) * 1e3 / count)
+        if round_index == 0:
+            batch = {name: calls_per_sample(samples[name][0] / 1e3) for name in names}
     return samples
 
 
