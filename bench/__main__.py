@@ -23,7 +23,7 @@ issue's targets are checked against the results. ``--time-limit`` stops the swee
 before it) in time to write what was measured, listing the points left out.
 
 On the CPU the numbers are those of fusedact's PyTorch fallback against eager PyTorch, not the Triton
-kernels: the default CPU run (about 70 s on a busy 2-core machine) times gelu, silu and swiglu at
+kernels: the default CPU run (70-95 s on a busy 2-core machine) times gelu, silu and swiglu at
 [8192, 4096] in fp32 and bf16, forward and forward + backward, both providers in rounds, and prints
 fusedact / eager round by round with its spread; the GPU targets are not judged there. torch.compile runs
 on the CPU only when asked for (``--providers ... compile``: about 30 s per compile there).
