@@ -133,7 +133,8 @@ def test_torch_compile_inductor_cpu():
 
 def test_eager_entry_matches_the_op(device):
     """In eager mode the public functions skip custom-op dispatch (an autograd.Function over the same
-    implementation and formulas): bitwise the op's results, and a clear error for double backward."""
+    implementation and formulas): bitwise the op's results, double backward included (test_double_backward.py
+    holds both to PyTorch's second derivatives)."""
     x = _randn(6, 10, device=device, requires_grad=True)
     bias = _randn(10, device=device, requires_grad=True)
     grad_y = _randn(6, 10, device=device)
@@ -141,11 +142,14 @@ def test_eager_entry_matches_the_op(device):
     assert "bias_act_function" in type(y.grad_fn).__name__
     y_op = ops.bias_act(x, bias, None, "gelu", 0.0, 1)
     assert torch.equal(y, y_op)
-    grads = torch.autograd.grad(y, (x, bias), grad_y.requires_grad_(), create_graph=True)
-    grads_op = torch.autograd.grad(y_op, (x, bias), grad_y)
+    grads = torch.autograd.grad(y, (x, bias), grad_y, retain_graph=True)
+    grads_op = torch.autograd.grad(y_op, (x, bias), grad_y, retain_graph=True)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_op, strict=True))
-    with pytest.raises(RuntimeError, match="twice"):
-        grads[0].sum().backward()
+    second = []
+    for output in (y, y_op):
+        grad_x, _ = torch.autograd.grad(output, (x, bias), grad_y.requires_grad_(), create_graph=True)
+        second.append(torch.autograd.grad(grad_x.square().sum(), (x, bias, grad_y)))
+    assert all(torch.equal(a, b) for a, b in zip(*second, strict=True))
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0, 5), (0,)])

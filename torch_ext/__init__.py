@@ -17,7 +17,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
 
-from . import functional, nn, ops
+from . import differences, functional, nn, ops
 from .functional import (
     bias_act,
     celu,
@@ -55,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "bias_act",
     "celu",
+    "differences",
     "elu",
     "functional",
     "gated",

@@ -89,14 +89,56 @@ def _bias_grad_like(bias: Optional[Tensor], compute: bool, like: Tensor) -> Tens
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
-def _entry(op, implementation, setup_context, formula, backward_op, backward_implementation):
+def differentiating_backward(*args) -> bool:
+    """Whether a backward called with ``args`` must itself be differentiable: grad mode is on inside the
+    backward (``create_graph=True``: a gradient penalty, meta-learning, a Hessian-vector product) and one
+    of its tensors (the upstream gradient, a saved input or output, a bias, a weight) requires grad.
+
+    Ordinary training runs its backward with grad mode off, so this is False there and the kernels run."""
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def _for_backward(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """``tensors`` as ``ctx.save_for_backward`` can keep them. A tensor made under ``torch.inference_mode``
+    and used later beside one that requires grad cannot be saved; eager PyTorch never has to, because its
+    ``x + bias`` makes a new tensor and that is what its activation saves. So keep a copy of it (the size
+    of the ``z`` eager would keep)."""
+    if torch.is_inference_mode_enabled():
+        return tensors
+    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
+
+
+def _entry(
+    op, implementation, setup_context, formula, backward_op, backward_implementation, differentiable_backward=None
+):
     """The public entry for ``op``: the op itself while compiling, exporting or tracing (fake or
-    functional tensors), else an autograd.Function running ``implementation`` with the op's
-    ``setup_context`` and its backward ``formula``, which then calls ``backward_implementation`` where
-    the registered op's formula calls ``backward_op``.
+    functional tensors) and for meta tensors, else an autograd.Function running ``implementation`` with
+    the op's ``setup_context`` and its backward ``formula``, which then calls ``backward_implementation``
+    where the registered op's formula calls ``backward_op``.
+
+    Both formulas call ``differentiable_backward`` (same signature and results, written in differentiable
+    PyTorch ops: the fallback's formulas) instead when the backward must itself be differentiable (see
+    ``differentiating_backward``): autograd then differentiates the gradient again, through the saved
+    tensors too. Without one, double backward raises. (``once_differentiable`` is not enough: it raises
+    only when an upstream *gradient* requires grad; in ``y = f(x * w)``, ``grad(y.sum(), x,
+    create_graph=True)`` the upstream gradient is a constant and only the saved ``x * w`` requires grad, so
+    it would hand back f'(z) as a constant and the f'' term would be silently missing.)
 
     (The Function's forward takes ``ctx``: with a separate ``setup_context`` staticmethod, ``apply`` calls
     ``inspect.signature`` on every call, which costs as much as the dispatch saved.)"""
+    name = implementation.__name__.strip("_").removesuffix("_impl")
+
+    def choose(kernel_backward):
+        def backward(*args):
+            if not differentiating_backward(*args):
+                return kernel_backward(*args)
+            if differentiable_backward is None:
+                raise RuntimeError(f"fusedact.{name}: double backward (create_graph=True) is not supported")
+            return differentiable_backward(*args)
+
+        return backward
+
+    eager_backward, op_backward = choose(backward_implementation), choose(backward_op)
 
     def forward(ctx, *args):
         output = implementation(*args)
@@ -104,21 +146,18 @@ def _entry(op, implementation, setup_context, formula, backward_op, backward_imp
         return output
 
     def backward(ctx, *grads):
-        return formula(ctx, *grads, backward=backward_implementation)
+        return formula(ctx, *grads, backward=eager_backward)
 
     function = type(
-        f"{implementation.__name__.strip('_').removesuffix('_impl')}_function",
+        f"{name}_function",
         (torch.autograd.Function,),
-        {
-            "forward": staticmethod(forward),
-            # Gradients of gradients are not implemented: say so instead of returning wrong ones.
-            "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
-        },
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
-    op.register_autograd(functools.partial(formula, backward=backward_op), setup_context=setup_context)
+    op.register_autograd(functools.partial(formula, backward=op_backward), setup_context=setup_context)
 
     def run(*args):
-        plain = all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
+        # Meta tensors take the op, whose fake implementation gives meta outputs (shapes, no data).
+        plain = all(type(a) in _PLAIN_TENSORS and not a.is_meta for a in args if isinstance(a, Tensor))
         if not plain or torch.compiler.is_compiling():
             return op(*args)
         return function.apply(*args)
@@ -198,7 +237,7 @@ def _bias_act_setup_context(ctx, inputs, output):
     x, bias, weight, activation, param, dim = inputs
     ctx.activation, ctx.param, ctx.dim = activation, param, dim
     ctx.saved_is_output = weight is None and saves_output(activation, param)
-    ctx.save_for_backward(output if ctx.saved_is_output else x, bias, weight)
+    ctx.save_for_backward(*_for_backward(output if ctx.saved_is_output else x, bias, weight))
 
 
 def _bias_act_grad(ctx, grad_y, backward):
@@ -220,8 +259,9 @@ def _bias_act_grad(ctx, grad_y, backward):
 
 
 run_bias_act = _entry(
-    bias_act, _bias_act_impl, _bias_act_setup_context, _bias_act_grad, bias_act_backward, _bias_act_backward_impl
-)
+    bias_act, _bias_act_impl, _bias_act_setup_context, _bias_act_grad, bias_act_backward, _bias_act_backward_impl,
+    _fallback.bias_act_backward,  # same signature, differentiable PyTorch ops
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,6 +306,22 @@ def _cast_bias_grad(sums: Optional[Tensor], bias: Optional[Tensor], compute: boo
     return sums.to(bias.dtype, copy=True)  # the gate and up sums are views of one buffer: never alias
 
 
+def _gated_backward_differentiable(
+    grad_y: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    gate_bias: Optional[Tensor],
+    up_bias: Optional[Tensor],
+    activation: str,
+    param: float,
+    compute_grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``_gated_backward_impl`` through the fallback, in differentiable PyTorch ops (also its double backward)."""
+    return _fallback.gated_backward(
+        grad_y, gate, up, gate_bias, up_bias, activation, param, saves_output(activation, param), compute_grad_bias
+    )
+
+
 def _gated_backward_impl(
     grad_y: Tensor,
     gate: Tensor,
@@ -285,8 +341,8 @@ def _gated_backward_impl(
                 _bias_grad_like(gate_bias, compute_grad_bias, gate).zero_(),
                 _bias_grad_like(up_bias, compute_grad_bias, up).zero_(),
             )
-        outputs = _fallback.gated_backward(
-            grad_y, gate, up, gate_bias, up_bias, activation, param, saves_output(activation, param), compute_grad_bias
+        outputs = _gated_backward_differentiable(
+            grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
         )
         return tuple(t.contiguous() for t in outputs)
     grad_gate, grad_up = _empty_like(gate), _empty_like(up)
@@ -317,7 +373,7 @@ def _(grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
 def _gated_setup_context(ctx, inputs, output):
     gate, up, gate_bias, up_bias, activation, param = inputs
     ctx.activation, ctx.param = activation, param
-    ctx.save_for_backward(gate, up, gate_bias, up_bias)
+    ctx.save_for_backward(*_for_backward(gate, up, gate_bias, up_bias))
 
 
 def _gated_grad(ctx, grad_y, backward):
@@ -336,7 +392,10 @@ def _gated_grad(ctx, grad_y, backward):
     )
 
 
-run_gated = _entry(gated, _gated_impl, _gated_setup_context, _gated_grad, gated_backward, _gated_backward_impl)
+run_gated = _entry(
+    gated, _gated_impl, _gated_setup_context, _gated_grad, gated_backward, _gated_backward_impl,
+    _gated_backward_differentiable,
+)  # fmt: skip
 
 
 def _halves(t: Tensor, gate_first: bool) -> tuple[Tensor, Tensor]:
@@ -378,16 +437,12 @@ def _gated_packed_backward_impl(
     compute_grad_bias: bool,
 ) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_bias) for ``gated_packed``; the kernel writes both halves of grad_x in place."""
+    if x.numel() == 0 or _backend(x) is _fallback:
+        return _packed_from_halves(
+            _gated_backward_impl, grad_y, x, bias, activation, param, gate_first, compute_grad_bias
+        )
     gate, up = _halves(x, gate_first)
     gate_bias, up_bias = _bias_halves(bias, gate_first)
-    if x.numel() == 0 or _backend(x) is _fallback:
-        grad_gate, grad_up, grad_gate_bias, grad_up_bias = _gated_backward_impl(
-            grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
-        )
-        grad_bias = _bias_grad_like(bias, compute_grad_bias, x)
-        if grad_bias.numel():
-            grad_bias = torch.cat(_halves_in_order(grad_gate_bias, grad_up_bias, gate_first))
-        return torch.cat(_halves_in_order(grad_gate, grad_up, gate_first), dim=-1), grad_bias
     grad_x = _empty_like(x)
     grad_gate, grad_up = _halves(_triton.as_matrix(grad_x), gate_first)
     gate_sums, up_sums = _gated_backward_triton(
@@ -400,6 +455,35 @@ def _gated_packed_backward_impl(
 
 def _halves_in_order(gate_part: Tensor, up_part: Tensor, gate_first: bool) -> list[Tensor]:
     return [gate_part, up_part] if gate_first else [up_part, gate_part]
+
+
+def _packed_from_halves(
+    gated_backward_fn,
+    grad_y: Tensor,
+    x: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    param: float,
+    gate_first: bool,
+    compute_grad_bias: bool,
+) -> tuple[Tensor, Tensor]:
+    """The packed backward as ``gated_backward_fn`` (``_gated_backward_impl`` or its differentiable twin)
+    on the two halves, its gradients concatenated back into the packed layout."""
+    gate, up = _halves(x, gate_first)
+    gate_bias, up_bias = _bias_halves(bias, gate_first)
+    grad_gate, grad_up, grad_gate_bias, grad_up_bias = gated_backward_fn(
+        grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
+    )
+    grad_bias = _bias_grad_like(bias, compute_grad_bias, x)
+    if grad_bias.numel():
+        grad_bias = torch.cat(_halves_in_order(grad_gate_bias, grad_up_bias, gate_first))
+    return torch.cat(_halves_in_order(grad_gate, grad_up, gate_first), dim=-1), grad_bias
+
+
+def _gated_packed_backward_differentiable(grad_y, x, bias, activation, param, gate_first, compute_grad_bias):
+    return _packed_from_halves(
+        _gated_backward_differentiable, grad_y, x, bias, activation, param, gate_first, compute_grad_bias
+    )
 
 
 gated_packed_backward = torch.library.custom_op(
@@ -415,7 +499,7 @@ def _(grad_y, x, bias, activation, param, gate_first, compute_grad_bias):
 def _gated_packed_setup_context(ctx, inputs, output):
     x, bias, activation, param, gate_first = inputs
     ctx.activation, ctx.param, ctx.gate_first = activation, param, gate_first
-    ctx.save_for_backward(x, bias)
+    ctx.save_for_backward(*_for_backward(x, bias))
 
 
 def _gated_packed_grad(ctx, grad_y, backward):
@@ -430,5 +514,5 @@ def _gated_packed_grad(ctx, grad_y, backward):
 
 run_gated_packed = _entry(
     gated_packed, _gated_packed_impl, _gated_packed_setup_context, _gated_packed_grad,
-    gated_packed_backward, _gated_packed_backward_impl,
+    gated_packed_backward, _gated_packed_backward_impl, _gated_packed_backward_differentiable,
 )  # fmt: skip
