@@ -253,11 +253,15 @@ def _wire(model: nn.Module, name: str, variant: str) -> None:
             _lean_two_layer(mlp, mlp.fc1, mlp.activation_fn, mlp.fc2)
 
 
-def make_model(name: str, variant: str, sizes: Sizes, dtype: torch.dtype, device: str) -> nn.Module:
+def make_model(
+    name: str, variant: str, sizes: Sizes, dtype: torch.dtype, device: str, attention: str = "eager"
+) -> nn.Module:
     transformers = _transformers()
     torch.manual_seed(0)
     config = _config(name, sizes)
-    config._attn_implementation = "eager"  # the same attention everywhere (its saved tensors too)
+    # "eager" attention saves the same tensors on every device; "sdpa" saves what its kernel keeps (flash
+    # attention: the output and the log-sum-exp), which depends on the device.
+    config._attn_implementation = attention
     if name == "vit":
         model = transformers.ViTForImageClassification(config)
     else:
@@ -280,8 +284,10 @@ def model_batch(name: str, sizes: Sizes, dtype: torch.dtype, device: str) -> dic
     return {"input_ids": ids, "labels": ids}
 
 
-def measure_model(name: str, variant: str, sizes: Sizes, dtype: torch.dtype, device: str, steps: int) -> dict:
-    model = make_model(name, variant, sizes, dtype, device)
+def measure_model(
+    name: str, variant: str, sizes: Sizes, dtype: torch.dtype, device: str, steps: int, attention: str = "eager"
+) -> dict:
+    model = make_model(name, variant, sizes, dtype, device, attention)
     batch = model_batch(name, sizes, dtype, device)
     loss, saved = saved_for_backward(lambda: model(**batch).loss, model)
     loss.backward()
@@ -289,6 +295,7 @@ def measure_model(name: str, variant: str, sizes: Sizes, dtype: torch.dtype, dev
         "model": name,
         "variant": variant,
         "dtype": str(dtype).removeprefix("torch."),
+        "attention": attention,
         "saved_bytes": saved.total,
         "loss": loss.item(),
     }
@@ -339,7 +346,8 @@ def markdown(result: dict) -> str:
     gpu = result["device"] == "cuda"
     extra_head = " | peak | peak / eager | step ms" if gpu else ""
     lines = [
-        f"Saved for backward, {result['device']}, {result['dtype']} (parameters excluded, each storage once)",
+        f"Saved for backward, {result['device']}, {result['dtype']}, {result['attention']} attention "
+        "(parameters excluded, each storage once)",
         "",
         "| block | T x H -> F | variant | saved | [T, F] tensors beside x | saved / eager" + extra_head + " |",
         "|---|---|---|---|---|---" + ("|---|---|---" if gpu else "") + "|",
@@ -364,13 +372,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool, device: str, dtype: torch.dtype, steps: int, models=MODELS) -> dict:
+def run(quick: bool, device: str, dtype: torch.dtype, steps: int, models=MODELS, attention: str = "eager") -> dict:
     sizes = QUICK if quick else (GPU if device == "cuda" else CPU)
     blocks = [measure_block(k, v, sizes, dtype, device, steps) for k in BLOCKS for v in VARIANTS]
-    measured = [measure_model(m, v, sizes, dtype, device, steps) for m in models for v in VARIANTS]
+    measured = [measure_model(m, v, sizes, dtype, device, steps, attention) for m in models for v in VARIANTS]
     return {
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
+        "attention": attention,
         "sizes": asdict(sizes),
         "blocks": _with_ratios(blocks, "block"),
         "models": _with_ratios(measured, "model"),
@@ -384,11 +393,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant on a GPU")
+    parser.add_argument("--attention", choices=("eager", "sdpa"), default="eager",
+                        help="the models' attention (eager: device independent)")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    result = run(args.quick, device, dtype, args.steps)
+    result = run(args.quick, device, dtype, args.steps, attention=args.attention)
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as file:

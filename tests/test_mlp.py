@@ -340,6 +340,10 @@ def test_torch_compile_fullgraph_is_bitwise_eager():
     for function, tensors in cases:
         compiled = torch.compile(function, backend="aot_eager", fullgraph=True)
         _assert_bitwise(_output_and_grads(compiled, tensors), _output_and_grads(function, tensors))
+    mlp, _ = _patched()  # the layer entry too: its checks of classes and hooks trace
+    x = _randn(3, 4, H, seed=1)
+    compiled = torch.compile(lambda x: lean_forward(mlp, x), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), lean_forward(mlp, x))
 
 
 def test_opcheck_the_registered_ops():
