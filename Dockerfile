@@ -13,10 +13,11 @@ RUN apt-get update \
 WORKDIR /workspace/fusedact
 COPY . .
 
-# torch and triton come with the image: --no-deps keeps pip from replacing them. The rest is the test extra
-# (pyproject.toml: pytest, numpy, matplotlib, scikit-learn, tqdm, transformers), none of which needs a
-# different torch; it also gives the `fusedact` lab command its plots and datasets.
+# torch 2.5.1 and Triton 3.1.0 come with the image (the oldest versions pyproject.toml accepts): --no-deps keeps
+# pip from replacing them. The rest is the test extra as pyproject.toml writes it (keep the two alike), none of
+# which needs a different torch; it also gives the `fusedact` lab command its plots and datasets. numpy<2, not
+# the extra's numpy<2.4: Triton 3.1's interpreter (a run without a GPU) needs it (README, Install).
 RUN python -m pip install --no-cache-dir --no-deps -e . \
-    && python -m pip install --no-cache-dir "pytest>=7" numpy matplotlib scikit-learn tqdm transformers
+    && python -m pip install --no-cache-dir "pytest>=7" "numpy<2" matplotlib scikit-learn tqdm transformers
 
 CMD ["python", "-m", "bench"]
