@@ -211,7 +211,7 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     ),
     Unsupported(
         ("*",),
-        "torch.func and forward-mode AD",
+        "torch.func",
         "torch.func.grad/vmap/jvp and torch.autograd.forward_ad raise PyTorch's error; torch.autograd "
         "(create_graph=True included) works",
         "the ops define reverse-mode formulas only",
