@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import fusedact
 from fusedact import mlp as lean
@@ -250,9 +251,7 @@ def test_checkpoint_keeps_only_the_input_and_gives_the_same_gradients(use_reentr
     tensors = _gated_tensors((3, 4, H), "contiguous", True, device)
 
     def checkpointed(x, *parameters):
-        return torch.utils.checkpoint.checkpoint(
-            lambda x: lean.gated_mlp(x, *parameters, "gelu"), x, use_reentrant=use_reentrant
-        )
+        return checkpoint(lambda x: lean.gated_mlp(x, *parameters, "gelu"), x, use_reentrant=use_reentrant)
 
     _assert_bitwise(
         _output_and_grads(checkpointed, tensors), _output_and_grads(lambda *t: lean.gated_mlp(*t, "gelu"), tensors)

@@ -3,12 +3,12 @@
 In a transformer's MLP with ``T`` tokens, hidden ``H`` and intermediate ``F``, the activations kept for the
 backward pass are, beside the block's input ``x`` [T, H] (weights not counted):
 
-=========================================  =====================  ======================  ==========
-block                                      eager PyTorch          ``fusedact.patch``      lean block
-=========================================  =====================  ======================  ==========
-gated ``down(act(gate(x)) * up(x))``       gate, up, act(gate), h  gate, up, h            gate, up
-two-layer ``fc2(act(fc1(x)))``             z, act(z)              z, act(z)               z
-=========================================  =====================  ======================  ==========
+====================================  =======================  ===================  ==========
+block                                 eager PyTorch            ``fusedact.patch``   lean block
+====================================  =======================  ===================  ==========
+gated ``down(act(gate(x)) * up(x))``  gate, up, act(gate), h   gate, up, h          gate, up
+two-layer ``fc2(act(fc1(x)))``        z, act(z)                z, act(z)            z
+====================================  =======================  ===================  ==========
 
 ``h = act(gate) * up`` (or ``act(z)``) is the last projection's input, kept only because that projection's
 weight gradient ``grad_W = grad_out^T h`` needs it. The fused activation backward already
@@ -33,7 +33,9 @@ tensor, so ``mlp`` runs the plain fused path for them. Under ``no_grad`` nothing
 The ``*_of`` entries take the layers (``nn.Linear``, transformers' ``Conv1D``, and the bias-skipping layers
 ``fusedact.patch`` makes) and run the lean block only where it computes everything the layers would: see
 ``lean_layer``. Elsewhere (hooks, a LoRA-style wrapper, a ``DTensor`` weight under tensor parallelism) they
-call the layers themselves, which is today's fused path.
+call the layers themselves, which is today's fused path. Under tensor parallelism a folded bias that is a
+``DTensor`` reaches the kernel as its local shard (``local_bias``), and ``register_dtensor_sharding`` lets
+fusedact's ops take DTensor activations.
 
     >>> x = torch.randn(4, 16, 32, requires_grad=True)
     >>> gate_w, up_w, down_w = torch.randn(88, 32), torch.randn(88, 32), torch.randn(32, 88)
@@ -41,6 +43,7 @@ call the layers themselves, which is today's fused path.
     >>> out = fusedact.mlp.mlp(x, torch.randn(128, 32), torch.randn(32, 128), torch.zeros(128), None, "gelu")
 """
 
+import typing
 from collections.abc import Sequence
 from typing import Optional
 
@@ -53,6 +56,9 @@ from . import _fallback, functional, ops
 from .patching import layers as patched_layers
 
 _PLAIN_TENSORS = (Tensor, nn.Parameter)
+# Which gradients a backward op computes: typing.List, which torch 2.5's custom-op schema inference takes
+# (it refuses list[bool]).
+Flags = typing.List[bool]  # noqa: UP006
 _CONV1D = "transformers.pytorch_utils.Conv1D"
 
 
@@ -320,7 +326,7 @@ def _gated_mlp_backward_impl(
     down_bias: Optional[Tensor],
     activation: str,
     param: float,
-    needs: list[bool],
+    needs: Flags,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias) where ``needs`` asks for them.
     In the fused path's order: the down projection's input gradient, the activation backward (which also
@@ -446,7 +452,7 @@ def _gated_mlp_packed_backward_impl(
     activation: str,
     param: float,
     gate_first: bool,
-    needs: list[bool],
+    needs: Flags,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, w_gate_up, w_down, gate_up_bias, down_bias) where ``needs`` asks for them; the
     activation backward writes both halves of the packed gradient in place, as ``ops.gated_packed``'s."""
@@ -558,7 +564,7 @@ def _mlp_backward_impl(
     second_bias: Optional[Tensor],
     activation: str,
     param: float,
-    needs: list[bool],
+    needs: Flags,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, w_first, w_second, first_bias, second_bias) where ``needs`` asks for them."""
     need_x, need_first_w, need_second_w, need_first_b, need_second_b = needs
@@ -621,8 +627,10 @@ run_mlp = ops._entry(
 
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast gives a GEMM on ``x``'s device, or None (the device types autocast has: asking
+    another, or ``torch.amp.is_autocast_available``, which torch 2.5's compiler cannot trace, is avoided)."""
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
