@@ -61,6 +61,11 @@ def channel_matrix(t: Tensor, dim: int, along_rows: bool) -> Tensor:
     """``t`` as the [M, N] matrix of the layout (a view with its own strides, or one copy if none exists)."""
     if t.dim() == 0:
         return t.view(1, 1)
+    if dim == t.dim() - 1:  # the bias along the last dimension (a Linear's): [M, N] directly
+        try:
+            return t.view(-1, t.shape[-1])
+        except (RuntimeError, ValueError):  # (fake and meta tensors raise the second)
+            return t.reshape(-1, t.shape[-1])
     if along_rows:
         inner = _inner(t, dim)
         return t.view(-1, inner) if _can_view(t, -1, inner) else t.reshape(-1, inner)

@@ -46,10 +46,15 @@ INTERPRETER_PROGRAMS = 8
 FLAT_BLOCK = (1, TILE_ELEMENTS)
 
 
+@functools.cache
+def _several_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() > 1
+
+
 def device_guard(device: torch.device):
     """A context that makes ``device`` the current CUDA device (and so its current stream Triton's), or
-    nothing when it already is (or for CPU tensors under the interpreter)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+    nothing when it already is (one visible GPU, or CPU tensors under the interpreter)."""
+    if device.type != "cuda" or not _several_gpus() or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
 

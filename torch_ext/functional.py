@@ -30,28 +30,32 @@ def _check_input(x: Tensor, name: str) -> None:
 
 
 def _check_bias(
-    bias: Optional[Tensor], x: Tensor, width: int, name: str, input_name: str, along: str = "shape[-1]"
+    bias: Optional[Tensor], x: Tensor, width: int, name: str, input_name: str, along: object = "shape[-1]"
 ) -> None:
-    """A bias is 1-D of length ``width`` (``x.<along>``) with the dtype and device of ``x``."""
+    """A bias is 1-D of length ``width`` (``x.<along>``; an int ``along`` is a dimension of ``x``) with the
+    dtype and device of ``x``. (The checks run on every call: the common case costs a few comparisons and
+    builds no message.)"""
     if bias is None:
         return
     if not isinstance(bias, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dim() == 1 and bias.shape[0] == width and bias.dtype == x.dtype and bias.device == x.device and x.dim():
+        return
+    along = f"shape[{along}]" if isinstance(along, int) else along
     if x.dim() == 0:
         raise ValueError(f"{input_name} is 0-D: a {name} needs a dimension to run along")
     if bias.dim() != 1 or bias.shape[0] != width:
         raise ValueError(f"{name} must have shape ({width},) to match {input_name}.{along}, got {tuple(bias.shape)}")
     if bias.dtype != x.dtype:
         raise TypeError(f"{name} dtype {bias.dtype} does not match {input_name} dtype {x.dtype}")
-    if bias.device != x.device:
-        raise ValueError(f"{name} is on {bias.device} but {input_name} is on {x.device}")
+    raise ValueError(f"{name} is on {bias.device} but {input_name} is on {x.device}")
 
 
 def _channel_dim(x: Tensor, dim: int) -> int:
     """``dim`` as an index of ``x``'s dimensions (0 for a 0-D ``x``), or a clear error."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    if type(dim) is not int:  # (bool is an int subclass: refused too)
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    ndim = max(x.dim(), 1)
+    ndim = x.dim() or 1
     if not -ndim <= dim < ndim:
         raise ValueError(f"dim={dim} is out of range for a {x.dim()}-D x")
     return dim % ndim
@@ -60,7 +64,7 @@ def _channel_dim(x: Tensor, dim: int) -> int:
 def _single(x: Tensor, bias: Optional[Tensor], activation: str, param: float, dim: int = -1) -> Tensor:
     _check_input(x, "x")
     dim = _channel_dim(x, dim)
-    _check_bias(bias, x, x.shape[dim] if x.dim() else 1, "bias", "x", f"shape[{dim}]")
+    _check_bias(bias, x, x.shape[dim] if x.dim() else 1, "bias", "x", dim)
     return ops.run_bias_act(x, bias, None, activation, float(param), dim)
 
 
@@ -101,7 +105,7 @@ def prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     width = x.shape[dim] if x.dim() else 1
-    _check_bias(bias, x, width, "bias", "x", f"shape[{dim}]")
+    _check_bias(bias, x, width, "bias", "x", dim)
     return ops.run_bias_act(x, bias, weight.reshape(-1), "leaky_relu", 0.0, dim)
 
 
@@ -187,7 +191,7 @@ def _softmax(x: Tensor, bias: Optional[Tensor], dim: int, log: bool) -> Tensor:
         x = x.float()
         bias = bias.float() if bias is not None and bias.is_floating_point() else bias
     dim = _channel_dim(x, dim)
-    _check_bias(bias, x, x.shape[dim] if x.dim() else 1, "bias", "x", f"shape[{dim}]")
+    _check_bias(bias, x, x.shape[dim] if x.dim() else 1, "bias", "x", dim)
     return softmax_ops.run_softmax(x, bias, dim, log)
 
 
