@@ -72,6 +72,12 @@ def _act_fwd_strided(activation, dtype, width, rows):
     _triton.bias_act(x, bias, None, activation, 1.0, 1)
 
 
+def _act_fwd_offset(activation, dtype, width, rows):
+    """x contiguous but one element into its storage: its pointer is not 16-byte aligned."""
+    x, bias = _empty(rows * width + 1, dtype=dtype)[1:].view(rows, width), _empty(width, dtype=dtype)
+    _triton.bias_act(x, bias, None, activation, 1.0, 1)
+
+
 def _act_bwd(activation, dtype, width, rows, with_bias_grad=False):
     saved_is_output = ops.saves_output(activation, 1.0)
     grad_y, saved, bias = _empty(rows, width, dtype=dtype), _empty(rows, width, dtype=dtype), _empty(width, dtype=dtype)
@@ -128,6 +134,7 @@ def _softmax_bwd(activation, dtype, width, rows):
 CASES: dict[str, tuple[Callable, tuple[str, ...], str]] = {
     "act-fwd": (_act_fwd, ("gelu", "gelu_tanh", "swish", "relu"), "x [rows, width] + bias, contiguous"),
     "act-fwd-strided": (_act_fwd_strided, ("gelu",), "x a column slice of [rows, width + 8]"),
+    "act-fwd-offset": (_act_fwd_offset, ("gelu",), "x contiguous from the second element of its storage"),
     "act-bwd": (_act_bwd, ("gelu", "gelu_tanh", "swish", "relu"), "backward, no bias gradient"),
     "act-bwd-bias": (
         functools.partial(_act_bwd, with_bias_grad=True),
@@ -255,6 +262,49 @@ def compile_case(case: str, activation: str, dtype: str, width: int, rows: int =
     return [compile_launch(launch) for launch in record_launches(case, activation, dtype, width, rows)]
 
 
+def check_launch_cache(widths: Sequence[int], dtypes: Sequence[str], rows: int = ROWS) -> list[str]:
+    """Hold ``fusedact._triton.LAUNCH_CACHE`` to Triton's own binder over every case's real launches.
+
+    For each recorded launch: (1) the arguments the cache launches a compiled kernel with, ``args`` then
+    its constexpr values, are exactly ``bound_args.values()``, what ``JITFunction.run`` passes; (2) their
+    count is the compiled signature's; (3) launches with equal cache keys have equal Triton
+    specialisations and options (the key is at least as fine as Triton's). Returns the problems found."""
+    problems, triton_key_of = [], {}
+    device = torch.device("cuda", 0)
+    for case, (_, activations, _) in CASES.items():
+        for activation in activations:
+            for dtype in dtypes:
+                for width in widths:
+                    for launch in record_launches(case, activation, dtype, width, rows):
+                        where = f"{case} {activation} {dtype} {width}"
+                        function, signature, _, _, options = specialise(launch)
+                        rules = _unwrap(launch.kernel)[1]
+                        kwargs = dict(launch.meta)
+                        named = dict(zip(function.arg_names, launch.args, strict=False)) | kwargs
+                        kwargs.update({name: rule(named) for name, rule in rules.items()})
+                        binder = create_function_from_signature(function.signature, function.params, _backend())
+                        bound_args, specialization, _ = binder(*launch.args, **kwargs)
+                        constexprs = _triton.LAUNCH_CACHE.constexpr_values(launch.kernel, launch.args, launch.meta)
+                        ours = [*launch.args, *(constexprs or ())]
+                        theirs = list(bound_args.values())
+                        if (
+                            constexprs is None
+                            or len(ours) != len(theirs)
+                            or any(
+                                a is not b and not (type(a) is type(b) and a == b)
+                                for a, b in zip(ours, theirs, strict=True)
+                            )
+                        ):
+                            problems.append(f"{where}: cached launch arguments differ from JITFunction.run's")
+                        if len(signature) != len(ours):
+                            problems.append(f"{where}: {len(ours)} arguments for a signature of {len(signature)}")
+                        key = _triton.LAUNCH_CACHE.key(launch.kernel, device, launch.args, launch.meta)
+                        triton_key = (repr(specialization), repr(sorted(options.__dict__.items())))
+                        if triton_key_of.setdefault(key, triton_key) != triton_key:
+                            problems.append(f"{where}: one cache key for two Triton specialisations")
+    return problems
+
+
 def ptxas_path() -> Path:
     binaries = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     for name in ("ptxas-blackwell", "ptxas"):
@@ -363,7 +413,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rows", type=int, default=ROWS, help="rows of the [rows, width] tensors")
     parser.add_argument("--ptx-dir", type=Path, help="also write each compiled kernel's PTX here")
     parser.add_argument("--json", action="store_true", help="print one JSON list of every launch's facts instead")
+    parser.add_argument(
+        "--check-launch-cache", action="store_true",
+        help="check fusedact's launch cache against Triton's binder over every case (exit 1 on a problem)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.check_launch_cache:
+        problems = check_launch_cache(args.widths, args.dtypes, args.rows)
+        print("\n".join(problems) or f"launch cache agrees with Triton {triton.__version__}'s binder on every case")
+        return 1 if problems else 0
     plan = []  # (case, activations)
     for spec in args.cases:
         case, _, activation = spec.partition(":")

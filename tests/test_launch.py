@@ -10,6 +10,7 @@ through the interpreter, with the device the guard was given).
 
 import ast
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,34 @@ def test_second_gpu():
         results[index] = [t.detach().cpu() for t in (y, packed, probabilities, x.grad, bias.grad)]
     for on_first, on_second in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(on_second, on_first, rtol=0, atol=0)
+
+
+def test_launch_cache_convention():
+    """This Triton launches compiled kernels with every bound argument (the cache's convention), so the
+    cache is on for CUDA tensors; CPU tensors (the interpreter) never use it."""
+    from triton.runtime.jit import JITFunction  # noqa: F401  (the check reads its source)
+
+    assert _triton.LaunchCache.launcher_takes_bound_args(), "Triton's launch convention changed: see LaunchCache"
+    assert _triton.LAUNCH_CACHE.enabled or os.environ.get("FUSEDACT_LAUNCH_CACHE") == "0"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_launch_cache_bitwise():
+    """Every op, forward and backward, twice through the cache (the second call a cached launch) and once
+    through Triton's own launch: bitwise the same."""
+    results, original = [], _triton.LAUNCH_CACHE.enabled
+    for enabled in (False, True, True):
+        _triton.LAUNCH_CACHE.enabled = enabled
+        try:
+            torch.manual_seed(0)
+            x = torch.randn(64, 760, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            bias = torch.randn(760, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            outputs = [fusedact.gelu(x, bias), fusedact.swiglu_packed(torch.cat([x, x], -1)), fusedact.softmax(x, bias)]
+            sum(o.float().sum() for o in outputs).backward()
+            results.append([t.detach().clone() for t in (*outputs, x.grad, bias.grad)])
+        finally:
+            _triton.LAUNCH_CACHE.enabled = original
+    for other in results[1:]:
+        for expected, actual in zip(results[0], other, strict=True):
+            assert torch.equal(expected, actual)

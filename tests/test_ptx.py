@@ -142,3 +142,14 @@ def test_softmax_compiled_code(compiled, case, width):
             loads.pop(4, None)  # the fp32 row sums, read back
         assert max(loads) == widest, f"{where}: widest load {max(loads)} B, expected {widest}"
         assert not stores or max(stores) == widest, f"{where}: stores {stores}"
+
+
+def test_launch_cache_agrees_with_triton():
+    """``fusedact._triton.LAUNCH_CACHE`` launches a compiled kernel with exactly the arguments Triton's
+    ``JITFunction.run`` would pass it, under a key at least as fine as Triton's specialisation, for every
+    case's real launches (bench.ptx_report --check-launch-cache)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "bench.ptx_report", "--check-launch-cache", "--dtypes", "bf16", "fp32"]
+    command += ["--widths", "4096", "760", "11007", "196"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -12,10 +12,21 @@ Two rules every launcher here (and softmax's) follows, each in one helper:
   CUDA device and that device's current stream; a model split over two GPUs calls with cuda:1's tensors
   while cuda:0 is current, so the guard makes the tensors' device current for the launch (its current
   stream with it) and restores the previous one after.
+
+``launch`` also keeps its own cache of compiled kernels (``LaunchCache``), so a repeated call skips
+Triton's per-call argument binding, specialisation and cache-key work (the approach of FlagGems'
+``LibEntry`` and IBM's triton-dejavu, used by vLLM): the first call of each specialisation goes through
+``kernel[grid](...)``, which compiles (or loads) and launches it, and the ``CompiledKernel`` it returns is
+kept under a key at least as fine as Triton's own specialisation; later calls with that key launch it
+directly with exactly the arguments Triton's ``JITFunction.run`` would pass it. ``bench.ptx_report
+--check-launch-cache`` (run by tests/test_ptx.py) checks both halves of that claim against Triton's own
+binder for every kernel, case and layout. ``FUSEDACT_LAUNCH_CACHE=0`` turns it off.
 """
 
 import contextlib
 import functools
+import inspect
+import os
 
 import torch
 import triton
@@ -60,9 +71,105 @@ def device_guard(device: torch.device):
 
 
 def launch(kernel, grid: tuple[int, ...], device: torch.device, *args, **meta) -> None:
-    """Launch ``kernel`` on ``grid`` under ``device`` (see ``device_guard``): the only place a kernel runs."""
+    """Launch ``kernel`` on ``grid`` under ``device`` (see ``device_guard``): the only place a kernel runs.
+    ``args`` are the kernel's runtime arguments in order, ``meta`` its constexprs and launch options."""
     with device_guard(device):
-        kernel[grid](*args, **meta)
+        if device.type != "cuda" or not LAUNCH_CACHE.enabled:
+            kernel[grid](*args, **meta)
+            return
+        key = LAUNCH_CACHE.key(kernel, device, args, meta)
+        entry = LAUNCH_CACHE.entries.get(key)
+        if entry is None:  # first call of this specialisation: Triton compiles (or loads) and launches it
+            LAUNCH_CACHE.entries[key] = LAUNCH_CACHE.entry(kernel, kernel[grid](*args, **meta), args, meta)
+        elif entry is LAUNCH_CACHE.UNCACHED:
+            kernel[grid](*args, **meta)
+        else:
+            compiled, constexprs = entry
+            compiled[grid](*args, *constexprs)
+
+
+def _jit_function(kernel) -> tuple[object, dict]:
+    """The JITFunction under ``@triton.heuristics`` wrappers, and the heuristics' rules by name."""
+    rules = {}
+    while hasattr(kernel, "fn") and not hasattr(kernel, "params"):
+        rules.update(getattr(kernel, "values", {}))
+        kernel = kernel.fn
+    return kernel, rules
+
+
+def _specialisation(arg) -> object:
+    """What Triton specialises a runtime argument on, or finer: a tensor's dtype and 16-byte alignment; an
+    int's width, divisibility by 16 and equality to 1; None; any other value itself."""
+    if isinstance(arg, Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if type(arg) is int:
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+    if type(arg) is float:
+        return float
+    return type(arg), arg
+
+
+class LaunchCache:
+    """Compiled kernels by specialisation, for ``launch``."""
+
+    UNCACHED = object()  # a specialisation this cache does not take (always launched through Triton)
+
+    def __init__(self) -> None:
+        self.entries: dict = {}
+        self.enabled = os.environ.get("FUSEDACT_LAUNCH_CACHE", "1") != "0" and self.launcher_takes_bound_args()
+
+    @staticmethod
+    def launcher_takes_bound_args() -> bool:
+        """Whether this Triton launches a compiled kernel with every bound argument, constexprs included
+        (``kernel.run(..., *bound_args.values())`` in ``JITFunction.run``: Triton 3.3 and later), which is
+        how ``CompiledKernel[grid](*args)`` is called here. Older Triton passes only the runtime
+        arguments: no cache then, every call goes through Triton."""
+        try:
+            from triton.runtime.jit import JITFunction
+
+            source = inspect.getsource(JITFunction.run)
+        except (ImportError, OSError, TypeError):
+            return False
+        return "kernel.run(" in source and "*bound_args.values())" in source
+
+    @staticmethod
+    def key(kernel, device: torch.device, args: tuple, meta: dict) -> tuple:
+        return (kernel, device.index, *map(_specialisation, args), *meta.items())
+
+    def entry(self, kernel, compiled, args: tuple, meta: dict):
+        """(compiled kernel, the constexpr values that follow ``args`` in its signature), or UNCACHED."""
+        constexprs = self.constexpr_values(kernel, args, meta)
+        signature = getattr(getattr(compiled, "src", None), "signature", None)
+        if constexprs is None or signature is None or len(signature) != len(args) + len(constexprs):
+            return self.UNCACHED
+        return compiled, constexprs
+
+    @staticmethod
+    def constexpr_values(kernel, args: tuple, meta: dict) -> tuple | None:
+        """The values of the kernel's parameters after ``args`` (all constexprs, in signature order: from
+        ``meta``, the heuristics or their defaults), or None if the signature is not runtime arguments
+        followed by constexprs. Our heuristics read only which pointers are None, which the key holds."""
+        function, rules = _jit_function(kernel)
+        params = function.params
+        if len(args) > len(params) or any(p.is_constexpr for p in params[: len(args)]):
+            return None
+        named = dict(zip(function.arg_names, args, strict=False)) | meta
+        values = []
+        for param in params[len(args) :]:
+            if not param.is_constexpr:
+                return None
+            if param.name in meta:
+                values.append(meta[param.name])
+            elif param.name in rules:
+                values.append(rules[param.name](named))
+            elif param.default is not inspect.Parameter.empty:
+                values.append(param.default)
+            else:
+                return None
+        return tuple(values)
+
+
+LAUNCH_CACHE = LaunchCache()
 
 
 def vector_argument(t: Tensor | None) -> Tensor | None:
