@@ -1,14 +1,19 @@
 """End to end: one training step of a small Llama-style model and of a ViT, unpatched vs ``fusedact.patch``
 vs ``torch.compile`` (and both together): step time, throughput, peak memory, and the loss each computes.
 
+Variants: ``eager`` (unpatched), ``fusedact`` (``fusedact.patch(model)``: the MLPs on the lean blocks, one
+[tokens, intermediate] tensor less kept per MLP), ``fusedact-nolean`` (``fusedact.patch(model,
+lean_mlp=False)``: the fused path, the same numbers), and each of them under ``torch.compile`` (``compile``,
+``fusedact+compile``, ``fusedact-nolean+compile``).
+
     python -m bench.e2e                                  # GPU if present (bf16), else a tiny CPU run
     python -m bench.e2e --out bench/results              # ... and write JSON + markdown there
     python -m bench.e2e --device cpu --quick             # seconds: checks the harness itself
 
 Models (random weights, nothing downloaded; the same initial weights and batch for every variant):
-- ``llama``: transformers ``LlamaForCausalLM``, SwiGLU MLPs (patched: the gated kernel), SDPA attention.
+- ``llama``: transformers ``LlamaForCausalLM``, SwiGLU MLPs (patched: the gated kernel, lean), SDPA attention.
   GPU: hidden 1024, intermediate 2816, 8 layers, 16 heads, vocab 32000, batch 8 x 1024 tokens.
-- ``vit``: timm ``vit_small_patch16_224`` (GELU MLPs; patched: fc1's bias folded into the GELU kernel),
+- ``vit``: timm ``vit_small_patch16_224`` (GELU MLPs; patched: fc1's bias folded into the GELU kernel, lean),
   batch 64 at 224 px; transformers' ViT of the same size where timm is not installed.
 
 A step is forward, loss, backward and an AdamW update (fused where the device has it), all timed together:
@@ -36,7 +41,7 @@ import fusedact
 
 from .report import environment
 
-VARIANTS = ("eager", "fusedact", "compile", "fusedact+compile")
+VARIANTS = ("eager", "fusedact", "fusedact-nolean", "compile", "fusedact+compile", "fusedact-nolean+compile")
 MODELS = ("llama", "vit")
 
 
@@ -160,7 +165,7 @@ def measure_variant(
 ) -> dict:
     """Train a copy of ``base`` made ``variant`` for ``warmup + steps`` steps; time and memory of the last."""
     model = copy.deepcopy(base).to(device=device, dtype=dtype).train()
-    report = fusedact.patch(model) if "fusedact" in variant else None
+    report = fusedact.patch(model, lean_mlp="nolean" not in variant) if "fusedact" in variant else None
     step_model = torch.compile(model) if "compile" in variant else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch = _to(batch, device, dtype)
@@ -196,13 +201,18 @@ def measure_variant(
         "throughput": batch["items"] / (statistics.median(times) / 1e3),
         "unit": batch["unit"] + "/s",
         "peak_extra_mib": None,
-        "patched": None if report is None else {"changes": len(report.changes), "left": len(report.left)},
+        "patched": None if report is None else _patched(report),
     }
     if device.type == "cuda":
         result["peak_extra_mib"] = round((torch.cuda.max_memory_allocated(device) - baseline) / 2**20, 1)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _patched(report) -> dict:
+    lean = [c for c in report.changes if c.action == "lean_mlp" or "lean block" in c.after]
+    return {"changes": len(report.changes), "left": len(report.left), "lean_mlps": len(lean)}
 
 
 def _quantile(values: Sequence[float], q: float) -> float:

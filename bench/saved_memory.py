@@ -7,9 +7,9 @@
 Four variants, with the same weights and inputs:
 
 - ``eager``: PyTorch as the model is written;
-- ``fused``: ``fusedact.patch(model)`` as it is today (gated kernel, biases folded into activations);
-- ``lean``: patched, then every MLP runs ``fusedact.mlp``'s lean block (wired here, since ``patch`` does
-  not use the lean blocks yet: ``gated_mlp_of`` / ``mlp_of`` with the layers and folded biases patch left);
+- ``fused``: ``fusedact.patch(model, lean_mlp=False)`` (gated kernel, biases folded into activations);
+- ``lean``: ``fusedact.patch(model)``, whose MLPs run ``fusedact.mlp``'s lean blocks (checked: every MLP
+  of the three models and both blocks is one ``patch`` proves);
 - ``checkpoint``: eager, with each MLP under ``torch.utils.checkpoint`` (``use_reentrant=False``), which
   recomputes the MLP's GEMMs in backward.
 
@@ -41,8 +41,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import fusedact
-from fusedact import mlp as lean_mlp
-from fusedact.patching import FoldedBias
 
 VARIANTS = ("eager", "fused", "lean", "checkpoint")
 
@@ -125,24 +123,11 @@ def _set_forward(module: nn.Module, forward: Callable) -> None:
     module.forward = forward  # on the instance: the bench's own wiring, never patched or saved
 
 
-def _lean_gated(module: nn.Module) -> None:
-    activation, params, gate_bias_of, up_bias_of = module._fusedact_gated
-    _set_forward(
-        module,
-        lambda x: lean_mlp.gated_mlp_of(
-            x, module.gate_proj, module.up_proj, module.down_proj, activation, gate_bias_of, up_bias_of, **params
-        ),
-    )
-
-
-def _lean_two_layer(owner: nn.Module, first: nn.Module, act: FoldedBias, second: nn.Module, after=None) -> None:
-    """``owner.forward`` becomes ``after(mlp_of(x, first, second, ...))`` with the bias patch folded."""
-
-    def forward(x):
-        out = lean_mlp.mlp_of(x, first, second, act.activation, bias_of=act.bias_of, **act.params)
-        return out if after is None else after(out)
-
-    _set_forward(owner, forward)
+def _patch(module: nn.Module, variant: str, mlps: int = 1) -> None:
+    """``fusedact.patch``: the lean blocks for ``lean`` (on all ``mlps`` MLPs), the fused path for ``fused``."""
+    report = fusedact.patch(module, lean_mlp=variant == "lean")
+    lean = [c for c in report.changes if c.action == "lean_mlp" or "lean block" in c.after]
+    assert len(lean) == (mlps if variant == "lean" else 0), f"MLPs on lean blocks: {len(lean)}\n{report}"
 
 
 def _checkpointed(module: nn.Module, forward: Optional[Callable] = None) -> None:
@@ -158,12 +143,7 @@ def make_block(kind: str, variant: str, sizes: Sizes, dtype: torch.dtype, device
         block = gelu_mlp(sizes.hidden, sizes.gelu_intermediate)
     block = block.to(device=device, dtype=dtype)
     if variant in ("fused", "lean"):
-        fusedact.patch(block)
-    if variant == "lean":
-        if kind == "gated":
-            _lean_gated(block)
-        else:
-            _lean_two_layer(block, block[0], block[1], block[2])
+        _patch(block, variant)
     if variant == "checkpoint":
         _checkpointed(block)
     return block
@@ -241,16 +221,9 @@ def _mlps(model: nn.Module, name: str) -> list:
     return [layer.mlp for layer in model.vit.layers]
 
 
-def _wire(model: nn.Module, name: str, variant: str) -> None:
+def _wire(model: nn.Module, name: str) -> None:
     for mlp in _mlps(model, name):
-        if variant == "checkpoint":
-            _checkpointed(mlp)
-        elif name == "llama":
-            _lean_gated(mlp)
-        elif name == "gpt2":  # c_fc -> gelu_new -> c_proj -> dropout, transformers' Conv1D layers
-            _lean_two_layer(mlp, mlp.c_fc, mlp.act, mlp.c_proj, after=mlp.dropout)
-        else:  # ViT: fc1 -> GELU -> fc2
-            _lean_two_layer(mlp, mlp.fc1, mlp.activation_fn, mlp.fc2)
+        _checkpointed(mlp)
 
 
 def make_model(
@@ -268,9 +241,9 @@ def make_model(
         model = transformers.AutoModelForCausalLM.from_config(config)
     model = model.to(device=device, dtype=dtype).train()
     if variant in ("fused", "lean"):
-        fusedact.patch(model)
-    if variant in ("lean", "checkpoint"):
-        _wire(model, name, variant)
+        _patch(model, variant, len(_mlps(model, name)))
+    if variant == "checkpoint":
+        _wire(model, name)
     return model
 
 

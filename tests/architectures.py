@@ -321,8 +321,8 @@ def _counted(counter: Counter) -> str:
 
 
 def coverage_row(architecture: Architecture, report) -> list:
-    """The table's cells for one patched model: fused gated MLPs and experts, folded biases, swapped
-    activations, modules left (with why), activations called as functions (where)."""
+    """The table's cells for one patched model: fused gated MLPs and experts, MLPs on lean blocks, folded
+    biases, swapped activations, modules left (with why), activations called as functions (where)."""
     changes = report.changes
     gated = Counter(
         _GATED_KIND.search(c.after).group(1)
@@ -332,6 +332,11 @@ def coverage_row(architecture: Architecture, report) -> list:
         if c.action == "gated_mlp"
     )
     experts = Counter(_GATED_KIND.search(c.after).group(1) for c in changes if c.action == "experts")
+    lean = Counter(
+        "two-layer" if c.action == "lean_mlp" else "gated packed" if "halves" in c.after else "gated"
+        for c in changes
+        if c.action == "lean_mlp" or (c.action == "gated_mlp" and "lean block" in c.after)
+    )
     folded = Counter(
         c.after.split("FoldedBias(")[1].split(",")[0].rstrip(")") for c in changes if c.action == "fold_bias"
     )
@@ -347,6 +352,7 @@ def coverage_row(architecture: Architecture, report) -> list:
         architecture.name,
         _counted(gated),
         _counted(experts),
+        _counted(lean),
         _counted(folded),
         _counted(swapped),
         _counted(left),
@@ -358,6 +364,7 @@ HEADER = [
     "architecture (2 layers, tiny)",
     "gated MLPs on the gated kernel",
     "MoE experts on the packed kernel",
+    "MLPs on the lean block",
     "biases folded into",
     "activation modules swapped",
     "activation-like modules left (why)",

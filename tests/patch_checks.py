@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fusedact.functional
+import fusedact.mlp
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 
@@ -45,27 +46,34 @@ def assert_same_state_dict(patched: nn.Module, original: nn.Module):
         assert torch.equal(a[key], b[key]), key
 
 
+# The lean blocks' entries (``fusedact.mlp`` looks them up at each call) -> the name counted for each.
+LEAN_ENTRIES = {"run_gated_mlp": "lean_gated", "run_gated_mlp_packed": "lean_gated_packed", "run_mlp": "lean_mlp"}
+
+
 @contextlib.contextmanager
 def kernel_calls():
     """Counts the calls of fusedact's gated and bias-activation entry points while the block runs (the patched
-    code looks them up on ``fusedact.functional`` at each call)."""
+    code looks them up on ``fusedact.functional`` at each call), and of the lean blocks' ops (``fusedact.mlp``
+    looks them up likewise): ``lean_gated``, ``lean_gated_packed``, ``lean_mlp``."""
     counts = Counter()
-    originals = {name: getattr(fusedact.functional, name) for name in ("gated", "gated_packed", "bias_act")}
+    targets = [(fusedact.functional, name, name) for name in ("gated", "gated_packed", "bias_act")]
+    targets += [(fusedact.mlp, entry, name) for entry, name in LEAN_ENTRIES.items()]
+    originals = [(module, entry, getattr(module, entry)) for module, entry, _ in targets]
 
-    def counting(name):
+    def counting(name, original):
         def call(*args, **kwargs):
             counts[name] += 1
-            return originals[name](*args, **kwargs)
+            return original(*args, **kwargs)
 
         return call
 
-    for name in originals:
-        setattr(fusedact.functional, name, counting(name))
+    for (module, entry, name), (_, _, original) in zip(targets, originals, strict=True):
+        setattr(module, entry, counting(name, original))
     try:
         yield counts
     finally:
-        for name, original in originals.items():
-            setattr(fusedact.functional, name, original)
+        for module, entry, original in originals:
+            setattr(module, entry, original)
 
 
 class GatedMLP(nn.Module):

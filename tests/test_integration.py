@@ -53,7 +53,7 @@ EXPECTED = {
     "llama-mlp-bias": {"gated_mlp": 2, "replace": 2},
     "mistral": {"gated_mlp": 2, "replace": 2},
     "qwen2": {"gated_mlp": 2, "replace": 2},
-    "gpt2": {"fold_bias": 2},  # c_fc (Conv1D) bias into gelu_new (tanh)
+    "gpt2": {"fold_bias": 2, "lean_mlp": 2},  # c_fc (Conv1D) bias into gelu_new (tanh), on the lean block
     "bert": {"fold_bias": 3},  # 2 intermediate dense + the MLM head's transform, erf GELU
 }
 
@@ -170,50 +170,88 @@ def test_patched_llama_compiles_fullgraph():
 
 TRANSFORMERS_ARCHITECTURES = [a for a in ARCHITECTURES if a.source == "transformers"]
 # What each must show (beyond the README table, which is checked whole below): the kernels that run.
+# lean_gated / lean_gated_packed / lean_mlp: the MLP ran on fusedact.mlp's lean block (one autograd node).
 KERNELS = {
+    "Llama": {"lean_gated"},
+    "Mistral": {"lean_gated"},
+    "Qwen2": {"lean_gated"},
+    "Qwen3": {"lean_gated"},
+    "Gemma": {"lean_gated"},
+    "Gemma-2": {"lean_gated"},
     "Mixtral": {"gated_packed"},  # the experts (grouped_mm on CPU: one call per layer)
-    "Qwen2-MoE": {"gated", "gated_packed"},  # the shared expert's MLP and the experts
+    "Qwen2-MoE": {"lean_gated", "gated_packed"},  # the shared expert's MLP and the experts
     "Qwen3-MoE": {"gated_packed"},
-    "DeepSeek-V3": {"gated", "gated_packed"},
-    "Phi-3": {"gated_packed"},  # gate_up_proj's halves, read in place
+    "DeepSeek-V3": {"lean_gated", "gated_packed"},  # the dense first layer and shared experts, the experts
+    "Phi-3": {"lean_gated_packed"},  # gate_up_proj's halves, read in place
     "T5 v1.1": {"gated"},  # wi_0, wi_1
+    "GPT-2": {"lean_mlp"},  # Conv1D layers
+    "ViT": {"lean_mlp"},
+    "CLIP": {"lean_mlp"},
     "Falcon": {"bias_act"},  # FalconLinear's bias folded into the GELU
     "Falcon-H1": {"gated"},  # the scaled gate
+    "timm vit_tiny": {"lean_mlp"},  # timm's Mlp (drop1 and norm inert); checked in test_timm.py
 }
+LEAN_KERNELS = {"lean_gated", "lean_gated_packed", "lean_mlp"}
+# Where the lean blocks' results are not bitwise the fused path's for the whole model, and why (elsewhere
+# they are: the MLP's input feeds the MLP alone, so its gradient is the block's).
+NOT_BITWISE = {
+    # The shared expert's input also feeds the router, the experts and the shared-expert gate: autograd adds
+    # the gate and up projections' input gradients into that sum one at a time, the lean block adds the two
+    # first. fp32 rounding of the sum's order, below the 1e-5 the unpatched comparison holds.
+    "Qwen2-MoE",
+}
+
+
+def _outputs_and_grads(architecture, model):
+    model.zero_grad(set_to_none=True)
+    out = run(architecture, model)
+    out.float().pow(2).mean().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def compare_to_unpatched(architecture):
     """Patch a copy; the outputs and every gradient must be the unpatched model's (fp32, rtol=atol=1e-5 as
-    above). Returns the report and the kernels one patched forward ran."""
+    above), and where its MLPs ran on lean blocks, bitwise those of the copy ``patch(lean_mlp=False)`` gives
+    (the lean blocks' contract: the fused path's numbers). Returns the report and the kernels one patched
+    forward ran."""
     from patch_checks import kernel_calls
 
     model = architecture.build()
-    original = copy.deepcopy(model)
+    original, fused = copy.deepcopy(model), copy.deepcopy(model)
     report = fusedact.patch(model)
+    fused_report = fusedact.patch(fused, lean_mlp=False)
     assert list(model.state_dict()) == list(original.state_dict())
-    results = []
     with kernel_calls() as calls:
-        for m in (model, original):
-            m.zero_grad(set_to_none=True)
-            out = run(architecture, m)
-            out.float().pow(2).mean().backward()
-            results.append((out.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
-    (out, grads), (out_reference, grads_reference) = results
+        out, grads = _outputs_and_grads(architecture, model)
+    out_reference, grads_reference = _outputs_and_grads(architecture, original)
     torch.testing.assert_close(out, out_reference, rtol=1e-5, atol=1e-5)
     assert grads.keys() == grads_reference.keys()
     for key in grads:
         torch.testing.assert_close(
             grads[key], grads_reference[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}"
         )
+    kernels = {name for name, count in calls.items() if count}
+    if kernels & LEAN_KERNELS:
+        with kernel_calls() as fused_calls:
+            out_fused, grads_fused = _outputs_and_grads(architecture, fused)
+        assert not set(fused_calls) & LEAN_KERNELS, str(fused_report)
+        assert torch.equal(out, out_fused) and grads.keys() == grads_fused.keys()
+        bitwise = architecture.name not in NOT_BITWISE
+        for key in grads:
+            if bitwise:
+                assert torch.equal(grads[key], grads_fused[key]), key
+            else:
+                torch.testing.assert_close(grads[key], grads_fused[key], rtol=1e-5, atol=1e-5, msg=key)
     fusedact.unpatch(model)
     assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in original.named_modules()}
-    return report, {name for name, count in calls.items() if count}
+    return report, kernels
 
 
 @pytest.mark.parametrize("architecture", TRANSFORMERS_ARCHITECTURES, ids=lambda a: a.name)
 def test_architecture_matches_unpatched_and_its_coverage_row(architecture):
     report, kernels = compare_to_unpatched(architecture)
     assert KERNELS.get(architecture.name, set()) <= kernels, str(report)
+    assert bool(kernels & LEAN_KERNELS) == bool(KERNELS.get(architecture.name, set()) & LEAN_KERNELS), kernels
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
     rows = {row.split(" | ")[0].lstrip("| "): row for row in readme_table(readme).splitlines()[2:]}
     expected = "| " + " | ".join(coverage_row(architecture, report)) + " |"

@@ -595,8 +595,9 @@ def test_inspect_transformers_models(name):
     assert after["fused"] == len(expected) and all(row["fused"] for row in after["activations"])
     if name == "tiny-llama":  # the gated MLP runs SwiGLU; its act_fn is a fusedact module
         assert [change.action for change in changes] == ["gated_mlp", "gated_mlp", "replace", "replace"]
-    else:  # a Linear (or GPT-2's Conv1D) feeds each activation: bias folded into it
-        assert [change.action for change in changes] == ["fold_bias"] * len(expected)
+    else:  # a Linear (or GPT-2's Conv1D) feeds each activation: bias folded into it (GPT-2: the MLP lean too)
+        lean = ["lean_mlp"] * len(paths) if name == "tiny-gpt2" else []
+        assert [change.action for change in changes] == ["fold_bias"] * len(expected) + lean
 
 
 def test_inspect_command(capsys):

@@ -424,11 +424,11 @@ class LoRA(nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-def _patched(seed=0, bias=True):
+def _patched(seed=0, bias=True, lean_mlp=True):
     torch.manual_seed(seed)
     mlp = GatedMLP(bias)
     original = copy.deepcopy(mlp)
-    fusedact.patch(mlp)
+    fusedact.patch(mlp, lean_mlp=lean_mlp)
     return mlp, original
 
 
@@ -441,15 +441,22 @@ def _grads(module, run, x):
 
 
 def test_a_patched_mlp_runs_lean_and_bitwise_the_patched_forward():
+    """``fusedact.patch`` puts the MLP on the lean block (its own forward is ``gated_mlp_of``), bitwise the
+    forward ``patch(lean_mlp=False)`` gives it (the fused path), keeping x, gate and up only."""
     mlp, _ = _patched()
+    fused, _ = _patched(lean_mlp=False)
     x = _randn(3, 4, H, seed=1)
     assert lean.lean_layer(mlp.gate_proj, mlp._fusedact_gated[2], True)
-    out, grads, grad_x = _grads(mlp, lambda x: lean_forward(mlp, x), x)
-    out_ref, grads_ref, grad_x_ref = _grads(mlp, mlp, x)  # today's patched forward: the fused path
-    assert torch.equal(out, out_ref) and torch.equal(grad_x, grad_x_ref)
-    assert all(torch.equal(grads[name], grads_ref[name]) for name in grads_ref)
-    saved = _saved_bytes(lambda: lean_forward(mlp, x.requires_grad_()), list(mlp.parameters()))
-    assert saved == [x.numel() * 4, 12 * FF * 4, 12 * FF * 4]
+    assert type(mlp(x.requires_grad_()).grad_fn).__name__ == "gated_mlp_functionBackward"  # the lean op
+    for run in (mlp, lambda x: lean_forward(mlp, x)):
+        out, grads, grad_x = _grads(mlp, run, x)
+        out_ref, grads_ref, grad_x_ref = _grads(fused, fused, x)
+        assert torch.equal(out, out_ref) and torch.equal(grad_x, grad_x_ref)
+        assert all(torch.equal(grads[name], grads_ref[name]) for name in grads_ref)
+    for run in (mlp, lambda x: lean_forward(mlp, x)):
+        saved = _saved_bytes(lambda run=run: run(x.requires_grad_()), list(mlp.parameters()))
+        assert saved == [x.numel() * 4, 12 * FF * 4, 12 * FF * 4]
+    assert len(_saved_bytes(lambda: fused(x.requires_grad_()), list(fused.parameters()))) == 4  # x, gate, up, h
 
 
 def test_hooks_and_wrappers_make_the_layers_run():

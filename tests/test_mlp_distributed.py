@@ -1,26 +1,32 @@
-"""The lean MLP blocks under FSDP2 and tensor parallelism: 2 processes, gloo on CPU, one training step.
+"""``fusedact.patch`` (lean blocks, folded biases) under FSDP2 and tensor parallelism: 2 processes, gloo on CPU.
 
-The model: two blocks, each ``x + gated_mlp(norm(x))`` then ``h + fc2(gelu_tanh(fc1(h)))``, every layer
-with a random bias; ``fusedact.patch`` folds the gate/up and fc1 biases, and the MLPs' forwards call
-``fusedact.mlp.gated_mlp_of`` / ``mlp_of`` (what the lead's patch rule will do). Each variant's loss and
-every parameter's gradient must equal the unpatched model's on the whole batch, computed in this process
-(fp32, rtol=atol=1e-5 as test_distributed.py: the fused kernels round once where eager rounds twice):
+The model: two blocks, each ``x + gated_mlp(norm(x))`` (Llama's MLP, with biases) then ``h + fc2(gelu_tanh(
+fc1(h)))`` (GPT-2's, as Linear layers), every layer with a random bias; ``fusedact.patch`` with its defaults
+folds the gate/up and fc1 biases and puts both MLPs on the lean blocks (``gated_mlp_of`` / ``mlp_of``).
+Beside it a transformers tiny Llama with ``mlp_bias=True``. Each variant's loss and every parameter's
+gradient must equal the unpatched model's, both the unpatched model under the same parallelism and on the
+whole batch in one process (fp32, rtol=atol=1e-5 as test_distributed.py: the fused kernels round once where
+eager rounds twice):
 
 - **FSDP2**: ``fully_shard`` per block, then the model, patched before sharding; each rank takes half the
   batch. FSDP2 unshards a block's parameters into plain tensors for its forward, so the lean blocks run
   there (checked: every MLP call was the lean op).
 - **Tensor parallelism**, ``ColwiseParallel`` on gate/up/fc1 and ``RowwiseParallel`` on down/fc2, the whole
-  batch on each rank. The projections carry TP's hooks and DTensor weights, so ``lean_layer`` sends every
-  call through the layers (checked: no lean op ran), and the folded biases, DTensors sharded with the
-  columns, reach the kernels as their local shards (``fusedact.mlp.local_bias``: today's patched forward
-  raises there, the README's ``fold_bias=False`` advice).
+  batch on each rank, patched before parallelizing. The projections carry TP's hooks and DTensor weights,
+  so ``lean_layer`` sends every call through the layers (checked: no lean op ran), and the folded biases,
+  DTensors sharded with the columns, reach the kernels as their local shards (``bias_like`` ->
+  ``local_bias``; before, the folded bias raised ``gate_bias must have shape (8,)``).
 - **Tensor parallelism with DTensor activations** (``use_local_output=False``): fusedact's ops take the
-  DTensors once ``fusedact.mlp.register_dtensor_sharding()`` has told DTensor how they shard.
+  DTensors, having registered how they shard the first time one met a DTensor (no explicit call).
+- fusedact's ops on DTensor activations directly: softmax sharded along another dim than its own (and
+  sharded along its own, which DTensor must gather first), bias_act with a bias sharded with its channels.
 - The functional ``fusedact.mlp.gated_mlp`` / ``mlp`` with DTensor weights: the plain fused path, whose
   GEMMs DTensor shards.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,6 +42,7 @@ WORLD = 2
 H, FF, BATCH = 8, 16, 6
 # FSDP2 on CPU tensors: torch 2.5's fully_shard requires CUDA streams.
 FSDP2_ON_CPU = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+LEAN_OPS = {"gated_mlp_functionBackward", "mlp_functionBackward"}  # the lean blocks' autograd nodes
 
 
 class GatedMLP(nn.Module):
@@ -78,9 +85,7 @@ class Model(nn.Module):
         return x
 
 
-def build() -> Model:
-    torch.manual_seed(0)
-    model = Model()
+def _random_biases(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
@@ -88,54 +93,82 @@ def build() -> Model:
     return model
 
 
+def build() -> Model:
+    torch.manual_seed(0)
+    return _random_biases(Model())
+
+
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return torch.randn(BATCH, 3, H, generator=generator), torch.randn(BATCH, 3, H, generator=generator)
 
 
-def lean_model(calls: list) -> Model:
-    """``build()``, patched, its MLPs on the lean entries; ``calls`` records whether each call ran the lean op."""
-    model = build()
-    fusedact.patch(model)
-    for block in model.blocks:
-        gated, ffn = block.mlp, block.ffn
-        activation, params, gate_bias_of, up_bias_of = gated._fusedact_gated
+def build_llama() -> nn.Module:
+    """transformers' Llama, 2 layers of width 32, MLP biases on (what ``patch`` folds), eager attention."""
+    import transformers
 
-        def gated_forward(x, m=gated, activation=activation, params=params, of=(gate_bias_of, up_bias_of)):
-            out = lean.gated_mlp_of(x, m.gate_proj, m.up_proj, m.down_proj, activation, *of, **params)
-            calls.append("mlp_function" in type(out.grad_fn).__name__)
-            return out
+    from fusedact.lab.models import TINY_MODELS
 
-        def ffn_forward(x, m=ffn):
-            out = lean.mlp_of(x, m.fc1, m.fc2, m.act.activation, bias_of=m.act.bias_of, **m.act.params)
-            calls.append("mlp_function" in type(out.grad_fn).__name__)
-            return out
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**TINY_MODELS["tiny-llama"][1], mlp_bias=True)
+    config._attn_implementation = "eager"
+    return _random_biases(transformers.LlamaForCausalLM(config))
 
-        gated.forward, ffn.forward = gated_forward, ffn_forward
+
+def llama_tokens() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def mlps(model: nn.Module) -> list:
+    if isinstance(model, Model):
+        return [m for block in model.blocks for m in (block.mlp, block.ffn)]
+    return [layer.mlp for layer in model.model.layers]
+
+
+def patched(model: nn.Module, calls: list) -> nn.Module:
+    """``model`` patched with the defaults, every MLP on a lean block; ``calls`` records per MLP call the
+    autograd node of its output (a lean op's, or another where the layers were called)."""
+    report = fusedact.patch(model)
+    lean_changes = [c for c in report.changes if c.action == "lean_mlp" or "lean block" in c.after]
+    assert len(lean_changes) == len(mlps(model)), str(report)
+    for module in mlps(model):
+        module.register_forward_hook(lambda module, inputs, out: calls.append(type(out.grad_fn).__name__))
     return model
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict:
     model.zero_grad(set_to_none=True)
     loss = F.mse_loss(model(x), target)
     loss.backward()
-
-    def full(t):
-        return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-    return {"loss": full(loss).detach(), "grads": {n: full(p.grad).detach() for n, p in model.named_parameters()}}
+    return {"loss": _full(loss).detach(), "grads": {n: _full(p.grad).detach() for n, p in model.named_parameters()}}
 
 
-def _tensor_parallel(model: Model, mesh, local_outputs: bool) -> None:
+def llama_step(model: nn.Module) -> dict:
+    model.zero_grad(set_to_none=True)
+    ids = llama_tokens()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return {"loss": _full(loss).detach(), "grads": {n: _full(p.grad).detach() for n, p in model.named_parameters()}}
+
+
+def _tensor_parallel(model: nn.Module, mesh, local_outputs: bool = True) -> None:
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     column = ColwiseParallel(use_local_output=local_outputs)
     row = RowwiseParallel() if local_outputs else RowwiseParallel(input_layouts=Shard(-1))
-    plan = {name: column for name in ("mlp.gate_proj", "mlp.up_proj", "ffn.fc1")}
-    plan.update({name: row for name in ("mlp.down_proj", "ffn.fc2")})
-    for block in model.blocks:
-        parallelize_module(block, mesh, plan)
+    if isinstance(model, Model):
+        plan = {name: column for name in ("mlp.gate_proj", "mlp.up_proj", "ffn.fc1")}
+        plan.update({name: row for name in ("mlp.down_proj", "ffn.fc2")})
+        for block in model.blocks:
+            parallelize_module(block, mesh, plan)
+    else:
+        for mlp in mlps(model):
+            parallelize_module(mlp, mesh, {"gate_proj": column, "up_proj": column, "down_proj": row})
 
 
 def _functional_with_dtensor_weights(mesh) -> dict:
@@ -160,6 +193,30 @@ def _functional_with_dtensor_weights(mesh) -> dict:
     }
 
 
+def _ops_on_dtensors(mesh) -> dict:
+    """Per case: (placements of x, of the bias), the output and the gradients of x and the bias, in full."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch.manual_seed(3)
+    x, bias = torch.randn(4, 6, 8), torch.randn(8)
+    cases = {
+        "softmax, rows sharded": (fusedact.softmax, Shard(0), Replicate()),
+        "softmax, its own dim sharded": (fusedact.softmax, Shard(2), Replicate()),
+        "log_softmax, rows sharded": (fusedact.log_softmax, Shard(1), Replicate()),
+        "gelu, channels sharded": (fusedact.gelu, Shard(2), Shard(0)),
+        "gelu, rows sharded": (fusedact.gelu, Shard(0), Replicate()),
+    }
+    results = {}
+    for name, (function, x_placement, bias_placement) in cases.items():
+        dx = distribute_tensor(x, mesh, [x_placement]).requires_grad_()
+        dbias = distribute_tensor(bias, mesh, [bias_placement]).requires_grad_()
+        y = function(dx, dbias) if function is fusedact.gelu else function(dx, dbias, dim=-1)
+        y_full = y.full_tensor()
+        (y_full * torch.arange(y_full.numel()).view(y_full.shape).sin()).sum().backward()
+        results[name] = (y_full.detach(), dx.grad.full_tensor(), dbias.grad.full_tensor())
+    return {"x": x, "bias": bias, "cases": results}
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     # The spawned process inherits TRITON_INTERPRET=1 without a GPU: CPU tensors take the same backend.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -175,24 +232,38 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             from torch.distributed.fsdp import fully_shard
 
             calls = []
-            model = lean_model(calls)
+            model = patched(build(), calls)
             for block in model.blocks:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            results["fsdp2"] = {**step(model, x[shard], target[shard]), "lean_calls": calls}
+            results["fsdp2"] = {**step(model, x[shard], target[shard]), "calls": calls}
             dist.all_reduce(results["fsdp2"]["loss"], op=dist.ReduceOp.AVG)
 
         calls = []
-        model = lean_model(calls)
-        _tensor_parallel(model, mesh, local_outputs=True)
-        results["tensor_parallel"] = {**step(model, x, target), "lean_calls": calls}
+        model = patched(build(), calls)
+        _tensor_parallel(model, mesh)
+        results["tensor_parallel"] = {**step(model, x, target), "calls": calls}
+        model = build()
+        _tensor_parallel(model, mesh)
+        results["tensor_parallel_unpatched"] = step(model, x, target)
 
-        lean.register_dtensor_sharding()
         calls = []
-        model = lean_model(calls)
-        _tensor_parallel(model, mesh, local_outputs=False)
-        results["tensor_parallel_dtensor_activations"] = {**step(model, x, target), "lean_calls": calls}
+        model = patched(build_llama(), calls)
+        _tensor_parallel(model, mesh)
+        results["llama_tensor_parallel"] = {**llama_step(model), "calls": calls}
+        model = build_llama()
+        _tensor_parallel(model, mesh)
+        results["llama_tensor_parallel_unpatched"] = llama_step(model)
 
+        # Nothing so far gave fusedact's ops a DTensor (local outputs: plain activations, local bias shards).
+        results["registered_before_dtensor_activations"] = fusedact.ops._dtensor_sharding
+        calls = []
+        model = patched(build(), calls)
+        _tensor_parallel(model, mesh, local_outputs=False)
+        results["tensor_parallel_dtensor_activations"] = {**step(model, x, target), "calls": calls}
+        results["registered_after"] = fusedact.ops._dtensor_sharding
+
+        results["ops"] = _ops_on_dtensors(mesh)
         results["functional"] = _functional_with_dtensor_weights(mesh)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -201,6 +272,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("lean_distributed")
     mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
@@ -208,8 +280,8 @@ def ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    """The unpatched model on the whole batch, in one process."""
-    return step(build(), *batch())
+    """The unpatched models in one process: ours on the whole batch, the Llama on its tokens."""
+    return {"model": step(build(), *batch()), "llama": llama_step(build_llama())}
 
 
 def _assert_matches(result: dict, reference: dict) -> None:
@@ -219,18 +291,68 @@ def _assert_matches(result: dict, reference: dict) -> None:
         torch.testing.assert_close(grad, reference["grads"][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+UNPATCHED = {  # the unpatched model's run under the same tensor-parallel plan (local outputs)
+    "tensor_parallel": "tensor_parallel_unpatched",
+    "tensor_parallel_dtensor_activations": "tensor_parallel_unpatched",
+    "llama_tensor_parallel": "llama_tensor_parallel_unpatched",
+}
+
+
 @pytest.mark.parametrize(
     "variant,lean_ran",
     [
         pytest.param("fsdp2", True, marks=pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on CPU: torch >= 2.6")),
         ("tensor_parallel", False),
         ("tensor_parallel_dtensor_activations", False),
+        ("llama_tensor_parallel", False),
     ],
 )
 def test_loss_and_gradients_equal_the_unpatched_model(ranks, reference, variant, lean_ran):
+    model = "llama" if variant.startswith("llama") else "model"
     for results in ranks:
-        assert results[variant]["lean_calls"] == [lean_ran] * 4  # 2 blocks x (gated, two-layer)
-        _assert_matches(results[variant], reference)
+        calls = results[variant]["calls"]
+        assert len(calls) == (4 if model == "model" else 2) and {name in LEAN_OPS for name in calls} == {lean_ran}
+        _assert_matches(results[variant], reference[model])
+        if variant in UNPATCHED:  # and the unpatched model under the same plan
+            _assert_matches(results[variant], results[UNPATCHED[variant]])
+
+
+def test_dtensor_sharding_is_registered_when_an_op_first_meets_a_dtensor(ranks):
+    for results in ranks:
+        assert results["registered_before_dtensor_activations"] is False and results["registered_after"] is True
+
+
+def test_plain_tensors_never_import_torch_distributed_tensor():
+    """The op entries look for DTensors by class name: a process that never makes one never imports
+    torch.distributed.tensor (0.6 s), patched models and lean blocks included."""
+    code = (
+        "import sys, torch, fusedact\n"
+        "x = torch.randn(4, 8, requires_grad=True)\n"
+        "fusedact.softmax(fusedact.gelu(x, torch.randn(8)), torch.randn(8), dim=-1).sum().backward()\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))\n"
+        "assert fusedact.patch(m).changes[-1].action == 'lean_mlp'\n"
+        "m(x).sum().backward()\n"
+        "print('torch.distributed.tensor' in sys.modules, fusedact.ops._dtensor_sharding)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_ops_take_dtensor_activations(ranks):
+    """softmax (never split along its own dim), log_softmax and bias_act on DTensors: PyTorch's values and
+    gradients (fp32: one rounding apart, rtol=atol=1e-5)."""
+    for results in ranks:
+        ops = results["ops"]
+        for name, (y, grad_x, grad_bias) in ops["cases"].items():
+            x, bias = (t.clone().requires_grad_() for t in (ops["x"], ops["bias"]))
+            if name.startswith("gelu"):
+                expected = F.gelu(x + bias)
+            else:
+                expected = (torch.log_softmax if name.startswith("log") else torch.softmax)(x + bias, -1)
+            (expected * torch.arange(expected.numel()).view(expected.shape).sin()).sum().backward()
+            torch.testing.assert_close(y, expected.detach(), rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(grad_x, x.grad, rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(grad_bias, bias.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_functional_blocks_take_dtensor_weights(ranks):

@@ -55,10 +55,13 @@ def test_vit():
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10
     ).eval()
     report = compare(model, torch.randn(2, 3, 32, 32))
-    # timm's Mlp: fc1 -> GELU, the fc1 bias folded into the GELU kernel in each block.
+    # timm's Mlp: fc1 -> GELU, the fc1 bias folded into the GELU kernel in each block, and the MLP on the
+    # lean block (drop1 and norm inert: a zero-probability dropout and an Identity).
     assert [(c.path, c.action) for c in report.changes] == [
         ("blocks.0.mlp.act", "fold_bias"),
         ("blocks.1.mlp.act", "fold_bias"),
+        ("blocks.0.mlp", "lean_mlp"),
+        ("blocks.1.mlp", "lean_mlp"),
     ]
     assert report.left == []
 
@@ -69,9 +72,10 @@ TIMM_ARCHITECTURES = [a for a in ARCHITECTURES if a.source == "timm"]
 
 @pytest.mark.parametrize("architecture", TIMM_ARCHITECTURES, ids=lambda a: a.name)
 def test_architecture_matches_unpatched_and_its_coverage_row(architecture):
-    from test_integration import compare_to_unpatched
+    from test_integration import KERNELS, compare_to_unpatched
 
     report, kernels = compare_to_unpatched(architecture)
+    assert KERNELS.get(architecture.name, set()) <= kernels, str(report)  # e.g. vit_tiny's lean MLPs
     if "gated" in architecture.name or "SwiGLU" in architecture.name or "GluMlp" in architecture.name:
         assert kernels & {"gated", "gated_packed"}, str(report)
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()

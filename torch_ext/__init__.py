@@ -5,6 +5,7 @@
     >>> y = fusedact.gelu(x, bias=b)          # one read of x, one write of y
     >>> layer = fusedact.nn.BiasAct(8, "silu")  # owns its bias
     >>> report = fusedact.patch(model)          # an existing model's activations, fused in place
+    >>> out = fusedact.mlp.mlp(x, w1, w2, b1, b2, "gelu")  # a whole MLP keeping half of eager's activations
 
 CUDA tensors run the Triton kernels; CPU tensors run a PyTorch fallback with the same numerics.
 """
@@ -17,7 +18,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
 
-from . import differences, functional, nn, ops
+from . import differences, functional, mlp, nn, ops
 from .functional import (
     bias_act,
     celu,
@@ -69,6 +70,7 @@ __all__ = [
     "leaky_relu",
     "log_softmax",
     "mish",
+    "mlp",
     "nn",
     "ops",
     "patch",

@@ -54,6 +54,7 @@ from torch.nn.modules import module as module_globals
 
 from . import _fallback, functional, ops
 from .patching import layers as patched_layers
+from .patching.layers import local_bias  # noqa: F401  (public here: fusedact.mlp.local_bias)
 
 _PLAIN_TENSORS = (Tensor, nn.Parameter)
 # Which gradients a backward op computes: typing.List, which torch 2.5's custom-op schema inference takes
@@ -902,41 +903,10 @@ def lean_layer(layer: nn.Module, bias_of: Optional[nn.Module], first: bool) -> b
     return known and _plain(layer.weight, layer.bias)
 
 
-def _is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor, without importing torch.distributed.tensor (0.6 s) for tensors that are not."""
-    if type(t).__name__ != "DTensor":
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def local_bias(bias: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    """``bias`` as a kernel on ``like`` adds it. Under tensor parallelism a column-parallel layer's bias is a
-    ``DTensor`` sharded along its output features (``Shard(0)``) while ``like``, the layer's local output
-    (``ColwiseParallel``'s default), holds this rank's columns: the kernel adds the bias's local shard
-    (``to_local``: its gradient goes back as a ``Shard(0)`` DTensor, complete on each rank for its own
-    columns, since every rank computed all rows of them). Any other bias is returned as it is (a DTensor
-    ``like`` takes a DTensor bias: ``register_dtensor_sharding``).
-
-        >>> gate = gate_proj(x)  # ColwiseParallel: this rank's columns, a plain tensor
-        >>> h = fusedact.swiglu(gate, up, fusedact.mlp.local_bias(gate_proj.bias, gate))
-    """
-    if bias is None or _is_dtensor(like) or not _is_dtensor(bias):
-        return bias
-    from torch.distributed.tensor import Shard
-
-    if all(placement == Shard(0) or placement.is_replicate() for placement in bias.placements):
-        local = bias.to_local()
-        if local.shape[-1:] == like.shape[-1:]:
-            return local
-    return bias
-
-
 def _kernel_bias(bias_of: Optional[nn.Module], like: Tensor) -> Optional[Tensor]:
     """The bias of the layer ``bias_of`` as the activation after it adds it: in ``like``'s dtype (under
     autocast, as the layer would have cast it) and, under tensor parallelism, its local shard."""
-    return None if bias_of is None else local_bias(patched_layers.bias_like(bias_of, like), like)
+    return None if bias_of is None else patched_layers.bias_like(bias_of, like)
 
 
 def gated_mlp_of(
@@ -1055,8 +1025,8 @@ def mlp_of(
 #
 # With ColwiseParallel's default (local outputs) the activations are plain tensors and only a folded bias
 # is a DTensor (``local_bias``). With ``use_local_output=False`` (or SequenceParallel plans) the activation
-# itself is a DTensor and fusedact's custom ops need sharding strategies: this registers them. Prototype
-# for ops.py, which would call it at import where torch.distributed.tensor exists (issue 15's last item).
+# itself is a DTensor and fusedact's custom ops need sharding strategies: this registers them. ops.py calls
+# it the first time an op meets a DTensor (``ops._register_dtensor_sharding``).
 
 
 def _per_element_strategies(args: tuple, roles: Sequence[str], outputs: Sequence[str], channel_dim: int, splittable):
@@ -1099,13 +1069,16 @@ def _per_element_strategies(args: tuple, roles: Sequence[str], outputs: Sequence
 
 
 def register_dtensor_sharding() -> None:
-    """Register how ``fusedact::bias_act``, ``gated``, ``gated_packed`` and their backward ops shard, so
-    they take DTensor activations (tensor parallelism with DTensor outputs): per element, a bias sharded
-    with its channels. Idempotent (a second call registers the same strategies again).
+    """Register how ``fusedact::bias_act``, ``gated``, ``gated_packed``, ``softmax`` and their backward ops
+    shard, so they take DTensor activations (tensor parallelism with DTensor outputs): per element, a bias
+    sharded with its channels; softmax never along its own dim. fusedact's ops call this themselves the
+    first time one of them sees a DTensor (never at import: torch.distributed.tensor costs 0.6 s to import).
+    Idempotent (a second call registers the same strategies again).
 
         >>> fusedact.mlp.register_dtensor_sharding()
         >>> y = fusedact.gelu(dtensor_x, dtensor_bias)   # each rank runs the kernel on its shard
     """
+    from torch.distributed.tensor import Partial, Replicate
     from torch.distributed.tensor.experimental import register_sharding
 
     aten = torch.ops.fusedact
@@ -1147,3 +1120,23 @@ def register_dtensor_sharding() -> None:
         args = (grad_y, x, bias, activation, param, gate_first, compute_bias)
         roles = ("x", "x", "channel", "", "", "", "")
         return _per_element_strategies(args, roles, ("x", "channel"), last(x), lambda d: d != last(x))
+
+    # Softmax: per row along its own dim, which is never split (a shard would normalize over part of the
+    # row); its bias runs along that dim, so it is whole on every rank and its gradient a partial sum.
+    @register_sharding(aten.softmax.default)
+    def _(x, bias, dim, log):
+        own = dim % x.ndim
+        return _per_element_strategies((x, bias, dim, log), ("x", "channel", "", ""), ("x",), own, lambda d: d != own)
+
+    @register_sharding(aten.softmax_backward.default)
+    def _(grad_y, y, dim, log, compute_grad_bias):
+        own = dim % y.ndim
+        # No bias among the inputs: ``y`` stands in for it so the bias gradient gets a placement (a partial
+        # sum where the rows are sharded; an empty placeholder when it is not computed).
+        strategies = _per_element_strategies(
+            (grad_y, y, dim, log, compute_grad_bias), ("x", "x", "", "", ""), ("x",), own, lambda d: d != own
+        )
+        return [
+            ([*outputs, Partial() if compute_grad_bias and outputs[0].is_shard() else Replicate()], inputs)
+            for outputs, inputs in strategies
+        ]

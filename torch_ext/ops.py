@@ -108,6 +108,19 @@ def _for_backward(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
 
 
+_dtensor_sharding = False  # registered with DTensor yet (the first call that sees a DTensor does it)
+
+
+def _register_dtensor_sharding() -> None:
+    """Tell DTensor how fusedact's ops shard (``fusedact.mlp.register_dtensor_sharding``), once, when an op
+    first meets a DTensor: importing torch.distributed.tensor costs 0.6 s, which plain tensors never pay."""
+    global _dtensor_sharding
+    from . import mlp
+
+    mlp.register_dtensor_sharding()
+    _dtensor_sharding = True
+
+
 def _entry(
     op, implementation, setup_context, formula, backward_op, backward_implementation, differentiable_backward=None
 ):
@@ -161,6 +174,8 @@ def _entry(
         for a in args:
             if isinstance(a, Tensor):
                 if type(a) not in _PLAIN_TENSORS or a.is_meta:
+                    if not _dtensor_sharding and type(a).__name__ == "DTensor":
+                        _register_dtensor_sharding()
                     return op(*args)
                 needs_grad = needs_grad or a.requires_grad
         if torch.compiler.is_compiling():

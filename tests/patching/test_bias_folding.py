@@ -34,7 +34,7 @@ def test_linear_then_activation_folds_the_bias(activation, kind, settings, devic
     original = copy.deepcopy(model)
     assert patching.activation_kind(activation) == (kind, settings)
 
-    report = fusedact.patch(model)
+    report = fusedact.patch(model, lean_mlp=False)  # this rule alone (the lean_mlp rule: test_lean_mlp.py)
 
     assert [(c.path, c.action) for c in report.changes] == [("1", "fold_bias")]
     assert isinstance(model[1], patching.FoldedBias)
@@ -100,7 +100,7 @@ def test_forward_read_from_the_code():
 
     model = nn.Sequential(Sequential_(), Nested())
     original = copy.deepcopy(model)
-    report = fusedact.patch(model)
+    report = fusedact.patch(model, lean_mlp=False)
     assert sorted((c.path, c.action) for c in report.changes) == [("0.act", "fold_bias"), ("1.act", "fold_bias")]
     assert_same_function(model, original, torch.randn(5, 6))
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from patch_checks import GatedMLP, assert_same_function, assert_same_state_dict
+from patch_checks import GatedMLP, assert_same_function, assert_same_state_dict, kernel_calls
 from torch import nn
 
 import fusedact
@@ -67,3 +67,153 @@ def test_folded_biases_survive_a_wrapper_added_after_patching():
         m[0] = Adapter(m[0])
         m[2].gate_proj, m[2].up_proj = Adapter(m[2].gate_proj), Adapter(m[2].up_proj)
     assert_same_function(model, original, torch.randn(3, 8))
+
+
+# --- The lean block (the default): the same function, bitwise the fused path, x + gate + up kept -----------
+
+
+class PackedMLP(nn.Module):
+    """Phi-3's MLP: one packed gate_up projection, split with chunk, the product written up * act(gate)."""
+
+    def __init__(self, bias=False, gate_first=True, activation_first=False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(8, 32, bias=bias)
+        self.down_proj = nn.Linear(16, 8, bias=bias)
+        self.activation_fn = nn.GELU(approximate="tanh")
+        self.gate_first, self.activation_first = gate_first, activation_first
+
+    def forward(self, hidden_states):
+        up_states = self.gate_up_proj(hidden_states)
+
+        gate, up_states = up_states.chunk(2, dim=-1)
+        up_states = up_states * self.activation_fn(gate)
+
+        return self.down_proj(up_states)
+
+
+class PackedUpFirst(PackedMLP):
+    def forward(self, x):
+        packed = self.gate_up_proj(x)
+        up, gate = packed.chunk(2, dim=-1)
+        h = self.activation_fn(gate) * up
+        return self.down_proj(h)
+
+
+class PackedOtherDim(PackedMLP):
+    def forward(self, x):
+        packed = self.gate_up_proj(x)
+        gate, up = packed.chunk(2, dim=0)  # not the feature halves: not the packed MLP
+        h = up * self.activation_fn(gate)
+        return self.down_proj(h)
+
+
+class PackedHalfReadTwice(PackedMLP):
+    def forward(self, x):
+        packed = self.gate_up_proj(x)
+        gate, up = packed.chunk(2, dim=-1)
+        h = up * self.activation_fn(gate)
+        return self.down_proj(h + gate)  # the gate read again
+
+
+def _run(model, x, grad):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    out.backward(grad)
+    return [out.detach(), x.grad, *(p.grad for p in model.parameters())]
+
+
+def _saved(model, x) -> int:
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = set()
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in parameters:
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x.detach().clone().requires_grad_())
+    return len(storages)
+
+
+class FoldedPackedPath(nn.Module):
+    """The fused path with the packed bias folded into the kernel, as the lean rule folds it (``patch(
+    lean_mlp=False)`` leaves a packed bias in its GEMM: gated_forward folds only separate projections')."""
+
+    def __init__(self, mlp: PackedUpFirst):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        packed = nn.functional.linear(x, self.mlp.gate_up_proj.weight)
+        bias = self.mlp.gate_up_proj.bias
+        h = fusedact.functional.gated_packed(packed, bias, "gelu", gate_first=False, approximate="tanh")
+        return self.mlp.down_proj(h)
+
+
+LEAN_CASES = {  # build, the lean op counted, what the fused path runs, [T, F] tensors the fused path keeps
+    "Llama": (lambda: GatedMLP(8, 16, nn.SiLU(), bias=False), "lean_gated", "gated", 3),
+    "Llama, biases folded": (lambda: GatedMLP(8, 16, nn.GELU(), bias=True), "lean_gated", "gated", 3),
+    "packed (Phi-3)": (PackedMLP, "lean_gated_packed", "gated_packed", 2),  # x, [T, 2F], h
+    "packed, bias folded, up first": (lambda: PackedUpFirst(bias=True), "lean_gated_packed", "gated_packed", 2),
+}
+
+
+@pytest.mark.parametrize("name", LEAN_CASES)
+def test_lean_block_is_bitwise_the_fused_path(name, device):
+    build, lean_op, fused_op, fused_saved = LEAN_CASES[name]
+    torch.manual_seed(0)
+    model = build().to(device)
+    fused, original = copy.deepcopy(model), copy.deepcopy(model)
+    report = fusedact.patch(model)
+    assert report.changes[0].action == "gated_mlp" and report.changes[0].after.endswith(", lean block)"), str(report)
+    if "packed" in name:
+        assert "halves" in report.changes[0].after and ("bias folded" in report.changes[0].after) == ("bias" in name)
+    fusedact.patch(fused, lean_mlp=False)
+    if "bias folded" in name:
+        fused = FoldedPackedPath(fused)
+    assert_same_state_dict(model, original)
+    x, grad = torch.randn(3, 5, 8, device=device), torch.randn(3, 5, 8, device=device)
+    with kernel_calls() as calls:
+        lean = _run(model, x, grad)
+    with kernel_calls() as fused_calls:
+        reference = _run(fused, x, grad)
+    assert calls[lean_op] == 1 and not calls[fused_op] and fused_calls[fused_op] == 1 and not fused_calls[lean_op]
+    assert all(torch.equal(a, b) for a, b in zip(lean, reference, strict=True))
+    assert_same_function(model, original, x)
+    assert _saved(model, x) == 1 + 2 // (1 + ("packed" in name)) and _saved(fused, x) == 1 + fused_saved
+    fusedact.unpatch(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+
+
+def test_packed_mlps_the_code_does_not_prove():
+    for build in (PackedOtherDim, PackedHalfReadTwice):
+        assert patching.gated_mlp.packed_gated_mlp(build) is None
+        model = build()
+        report = fusedact.patch(model)
+        assert "lean block" not in "".join(c.after for c in report.changes), str(report)
+    assert patching.gated_mlp.packed_gated_mlp(PackedMLP) == ("gate_up_proj", "activation_fn", "down_proj", True)
+    assert patching.gated_mlp.packed_gated_mlp(PackedUpFirst) == ("gate_up_proj", "activation_fn", "down_proj", False)
+
+
+def test_a_wrapper_added_after_patching_runs_and_keeps_the_folded_biases():
+    """The layer's own forward must run: a LoRA-style wrapper put around gate_proj after patching is called
+    (the lean block cannot see what it adds), the folded bias still added; the lean block runs again once
+    the wrapper is gone."""
+    torch.manual_seed(0)
+    model = GatedMLP(8, 16, nn.SiLU(), bias=True)
+    original = copy.deepcopy(model)
+    fusedact.patch(model)
+    x = torch.randn(4, 8)
+    for m in (model, original):
+        torch.manual_seed(1)
+        m.gate_proj = Adapter(m.gate_proj)
+    with kernel_calls() as calls:
+        model(x)
+    assert calls["lean_gated"] == 0 and calls["gated"] == 1
+    assert_same_function(model, original, x)
+    model.gate_proj = model.gate_proj.base_layer
+    with kernel_calls() as calls:
+        model(x)
+    assert calls["lean_gated"] == 1

@@ -18,12 +18,17 @@ These things happen, each only where fusedact can prove it computes the same fun
    whose ``forward`` adds the bias last as transformers' ``FalconLinear`` does, folds as a Linear.
 3. **Gated MLPs** whose ``forward`` is ``self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))``
    (Llama, Mistral, Qwen2/3, Gemma and the many models that copy that MLP) run the gated kernel:
-   SwiGLU for SiLU, GeGLU for GELU, ReGLU for ReLU, with ``gate_proj``/``up_proj`` biases folded.
+   SwiGLU for SiLU, GeGLU for GELU, ReGLU for ReLU, with ``gate_proj``/``up_proj`` biases folded, on
+   ``fusedact.mlp``'s lean block (``lean_mlp=True``, the default; also Phi-3's packed MLP).
 4. **Gated products** ``act(gate) * up`` anywhere in a forward (``gated_forward``, read with ``products``):
    Phi-3's packed ``gate_up_proj`` split with ``chunk(2, dim=-1)`` (both halves read in place), T5 v1.1's
    ``wi_0``/``wi_1``, timm's ``SwiGLU``/``GluMlp``, Falcon-H1's scaled gate, ``F.silu(w1(x)) * w3(x)``.
 5. **Mixture-of-experts experts** of transformers 5 (Mixtral, Qwen2/3-MoE, DeepSeek-V3: one 3-D
    ``gate_up_proj``) run the packed gated kernel in every implementation their dispatcher picks (``experts``).
+6. **Two-layer MLPs** ``fc2(act(fc1(x)))`` whose fc1 bias was folded (GPT-2's, ViT's, CLIP's, timm's ``Mlp``,
+   ``Linear -> activation -> Linear`` in an ``nn.Sequential``) run the lean block (``lean_mlp``), which keeps
+   x and ``fc1(x)`` for backward; where a call cannot (an active dropout between, hooks, wrappers, DTensor
+   weights) the modules are called as the code calls them.
 
 Activations a forward calls as functions (``F.gelu(x)``, ``torch.tanh``, ``scores.sigmoid()``) cannot be
 swapped from outside: the report lists them with where they are called (``function_calls``).
@@ -35,12 +40,15 @@ modules and classes. Patching twice is harmless.
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(8, 2))
     >>> report = fusedact.patch(model)
     >>> [(change.path, change.action) for change in report.changes]
-    [('1', 'fold_bias')]
+    [('1', 'fold_bias'), ('(root)', 'lean_mlp')]
     >>> model[1]
     FoldedBias(gelu, approximate='tanh', bias of Linear, dim=-1)
+    >>> type(model).__name__  # runs model[0] -> model[2] as one lean block
+    'LeanSequential'
 
 The package has one module per rule (``gated_mlp``, ``experts``, ``gated_forward``, ``bias_folding``,
-``activation_swap``), each with its proof, rewrite and undo and its own tests (``tests/patching/``);
+``lean_mlp``, ``activation_swap``), each with its proof, rewrite and undo and its own tests
+(``tests/patching/``);
 ``driver`` walks the model and asks each rule in turn (``RULES``). Shared: ``kinds`` (which activation a
 module is), ``layers`` (bias-skipping layers, ``FoldedBias``), ``source`` (reading code), ``rewrite``
 (compiling a rewritten function), ``products`` (gated products in code), ``context`` (changes and undo).
@@ -58,12 +66,13 @@ from .layers import (
     FoldedBias,
     LinearBiasInActivation,
 )
+from .lean_mlp import LeanSequential
 from .report import Change, Left, PatchReport
 
 # The public classes are named where users import them from (reprs, pickles of plain folded layers).
 for _public in (Change, Left, PatchReport, FoldedBias, LinearBiasInActivation, Conv1dBiasInActivation):
     _public.__module__ = __name__
-for _public in (Conv2dBiasInActivation, Conv3dBiasInActivation):
+for _public in (Conv2dBiasInActivation, Conv3dBiasInActivation, LeanSequential):
     _public.__module__ = __name__
 del _public
 
@@ -74,6 +83,7 @@ __all__ = [
     "Conv2dBiasInActivation",
     "Conv3dBiasInActivation",
     "FoldedBias",
+    "LeanSequential",
     "Left",
     "LinearBiasInActivation",
     "PatchReport",

@@ -33,11 +33,17 @@ class Context:
     and the changes and modules left that the report lists."""
 
     def __init__(
-        self, model: nn.Module, activations: Optional[Iterable[str]], fold_bias: bool, gated_mlp: bool
+        self,
+        model: nn.Module,
+        activations: Optional[Iterable[str]],
+        fold_bias: bool,
+        gated_mlp: bool,
+        lean_mlp: bool = True,
     ) -> None:
         self.model = model
         self.wanted = None if activations is None else set(activations)
-        self.fold_bias, self.gated_mlp = fold_bias, gated_mlp
+        # lean_mlp: whole MLPs the code proves run fusedact.mlp's lean blocks (same function, less memory)
+        self.fold_bias, self.gated_mlp, self.lean_mlp = fold_bias, gated_mlp, lean_mlp
         self.paths: dict[int, list[str]] = {}
         for path, module in model.named_modules(remove_duplicate=False):
             self.paths.setdefault(id(module), []).append(path)

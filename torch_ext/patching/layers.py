@@ -26,11 +26,46 @@ def class_key(cls: type) -> str:
 ROW_WISE = {"softmax": F.softmax, "log_softmax": F.log_softmax}
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor, without importing torch.distributed.tensor (0.6 s) for tensors that are not."""
+    if type(t).__name__ != "DTensor":
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_bias(bias: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """``bias`` as a kernel on ``like`` adds it. Under tensor parallelism a column-parallel layer's bias is a
+    ``DTensor`` sharded along its output features (``Shard(0)``) while ``like``, the layer's local output
+    (``ColwiseParallel``'s default), holds this rank's columns: the kernel adds the bias's local shard
+    (``to_local``: its gradient goes back as a ``Shard(0)`` DTensor, complete on each rank for its own
+    columns, since every rank computed all rows of them). Any other bias is returned as it is (a DTensor
+    ``like`` takes a DTensor bias: ``fusedact.mlp.register_dtensor_sharding``, which fusedact's ops call the
+    first time they see a DTensor).
+
+        >>> gate = gate_proj(x)  # ColwiseParallel: this rank's columns, a plain tensor
+        >>> h = fusedact.swiglu(gate, up, fusedact.mlp.local_bias(gate_proj.bias, gate))
+    """
+    if bias is None or is_dtensor(like) or not is_dtensor(bias):
+        return bias
+    from torch.distributed.tensor import Shard
+
+    if all(placement == Shard(0) or placement.is_replicate() for placement in bias.placements):
+        local = bias.to_local()
+        if local.shape[-1:] == like.shape[-1:]:
+            return local
+    return bias
+
+
 def bias_like(layer: nn.Module, input: Tensor) -> Optional[Tensor]:
-    """``layer``'s bias in ``input``'s dtype: under autocast the bias-free GEMM returns bf16/fp16 while the
-    bias Parameter stays fp32, and the layer itself would have cast it (the cast is differentiable)."""
+    """``layer``'s bias as the kernel after it adds it to ``input``: in ``input``'s dtype (under autocast the
+    bias-free GEMM returns bf16/fp16 while the bias Parameter stays fp32, and the layer itself would have
+    cast it; the cast is differentiable) and, under tensor parallelism, its local shard (``local_bias``)."""
     bias = layer.bias
-    return bias if bias is None or bias.dtype == input.dtype else bias.to(input.dtype)
+    if bias is None:
+        return None
+    return local_bias(bias if bias.dtype == input.dtype else bias.to(input.dtype), input)
 
 
 class FoldedBias(nn.Module):

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from torch import nn
 
 # What a change did: an activation module swapped, a bias folded into the activation after it, a gated MLP
-# (or a gated product in a forward) on the gated kernel, a mixture-of-experts block's experts on it.
-ACTIONS = ("replace", "fold_bias", "gated_mlp", "experts")
+# (or a gated product in a forward) on the gated kernel, a mixture-of-experts block's experts on it, a
+# two-layer MLP on the lean block.
+ACTIONS = ("replace", "fold_bias", "gated_mlp", "experts", "lean_mlp")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class PatchReport:
     def __str__(self) -> str:
         counts = {action: sum(c.action == action for c in self.changes) for action in ACTIONS}
         experts = f", {counts['experts']} expert blocks fused" if counts["experts"] else ""
+        lean = counts["lean_mlp"] + sum(c.action == "gated_mlp" and "lean block" in c.after for c in self.changes)
+        experts += f", {lean} MLPs on lean blocks" if lean else ""
         lines = [
             f"fusedact.patch: {counts['replace'] + counts['fold_bias']} activations fused ({counts['fold_bias']} "
             f"with the bias of the layer before folded in), {counts['gated_mlp']} gated MLPs fused{experts}; "
