@@ -404,7 +404,7 @@ class GatedMLP(nn.Module):
 
 
 def lean_forward(mlp: nn.Module, x):
-    """What a patched gated MLP's forward becomes with the lean block (the rule the lead wires)."""
+    """What a patched gated MLP runs (patching.gated_mlp._lean_gated_mlp_forward), called by hand."""
     activation, params, gate_bias_of, up_bias_of = mlp._fusedact_gated
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     return lean.gated_mlp_of(x, *projections, activation, gate_bias_of, up_bias_of, **params)

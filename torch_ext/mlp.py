@@ -32,10 +32,12 @@ tensor, so ``mlp`` runs the plain fused path for them. Under ``no_grad`` nothing
 
 The ``*_of`` entries take the layers (``nn.Linear``, transformers' ``Conv1D``, and the bias-skipping layers
 ``fusedact.patch`` makes) and run the lean block only where it computes everything the layers would: see
-``lean_layer``. Elsewhere (hooks, a LoRA-style wrapper, a ``DTensor`` weight under tensor parallelism) they
-call the layers themselves, which is today's fused path. Under tensor parallelism a folded bias that is a
-``DTensor`` reaches the kernel as its local shard (``local_bias``), and ``register_dtensor_sharding`` lets
-fusedact's ops take DTensor activations.
+``lean_layer``. Elsewhere (hooks, a LoRA-style wrapper, a ``DTensor`` weight under tensor parallelism), and
+without grad (nothing to keep), they call the layers themselves, which is the fused path. ``fusedact.patch``
+makes the MLPs it proves call them (``patching.gated_mlp``, ``patching.lean_mlp``). Under tensor
+parallelism a folded bias that is a ``DTensor`` reaches the kernel as its local shard (``local_bias``), and
+``register_dtensor_sharding`` (which fusedact's ops call when they first meet a DTensor) lets them take
+DTensor activations.
 
     >>> x = torch.randn(4, 16, 32, requires_grad=True)
     >>> gate_w, up_w, down_w = torch.randn(88, 32), torch.randn(88, 32), torch.randn(32, 88)
@@ -903,6 +905,13 @@ def lean_layer(layer: nn.Module, bias_of: Optional[nn.Module], first: bool) -> b
     return known and _plain(layer.weight, layer.bias)
 
 
+def _saves() -> bool:
+    """Whether this call may keep tensors for backward, so that the lean block's saving matters. Without grad
+    (inference, decoding: ``no_grad``, ``inference_mode``) nothing is kept either way, and the layers called
+    (the fused path, the same numbers) skip the lean block's checks: its host time stays today's."""
+    return torch.is_grad_enabled()
+
+
 def _kernel_bias(bias_of: Optional[nn.Module], like: Tensor) -> Optional[Tensor]:
     """The bias of the layer ``bias_of`` as the activation after it adds it: in ``like``'s dtype (under
     autocast, as the layer would have cast it) and, under tensor parallelism, its local shard."""
@@ -927,7 +936,7 @@ def gated_mlp_of(
         >>> out = fusedact.mlp.gated_mlp_of(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, "silu")
     """
     layers = (gate_proj, up_proj, down_proj)
-    if lean_layer(gate_proj, gate_bias_of, True) and lean_layer(up_proj, up_bias_of, True):
+    if _saves() and lean_layer(gate_proj, gate_bias_of, True) and lean_layer(up_proj, up_bias_of, True):
         biases = (None if gate_bias_of is None else gate_bias_of.bias, None if up_bias_of is None else up_bias_of.bias)
         lean = _lean_call(x, layers, biases)
         if lean is not None:
@@ -986,7 +995,7 @@ def gated_mlp_packed_of(
 
         >>> out = fusedact.mlp.gated_mlp_packed_of(x, mlp.gate_up_proj, mlp.down_proj, "silu")
     """
-    if lean_layer(gate_up_proj, bias_of, True):
+    if _saves() and lean_layer(gate_up_proj, bias_of, True):
         lean = _lean_call(x, (gate_up_proj, down_proj), (None if bias_of is None else bias_of.bias,), packed=True)
         if lean is not None:
             kernel_activation, param = functional._resolve(activation, params)
@@ -1012,7 +1021,7 @@ def mlp_of(
         >>> out = fusedact.mlp.mlp_of(x, block.c_fc, block.c_proj, "gelu", bias_of=block.c_fc, approximate="tanh")
     """
     kernel_activation, param = functional._resolve(activation, params)
-    if not ops.saves_output(kernel_activation, param) and lean_layer(fc1, bias_of, True):
+    if _saves() and not ops.saves_output(kernel_activation, param) and lean_layer(fc1, bias_of, True):
         lean = _lean_call(x, (fc1, fc2), (None if bias_of is None else bias_of.bias,))
         if lean is not None:
             return _mlp(*lean, kernel_activation, param)

@@ -182,6 +182,9 @@ def test_lean_block_is_bitwise_the_fused_path(name, device):
     assert calls[lean_op] == 1 and not calls[fused_op] and fused_calls[fused_op] == 1 and not fused_calls[lean_op]
     assert all(torch.equal(a, b) for a, b in zip(lean, reference, strict=True))
     assert_same_function(model, original, x)
+    with torch.no_grad(), kernel_calls() as calls:  # nothing to keep: the fused path (fewer checks per call)
+        assert torch.equal(model(x), reference[0])
+    assert calls[fused_op] == 1 and not calls[lean_op]
     assert _saved(model, x) == 1 + 2 // (1 + ("packed" in name)) and _saved(fused, x) == 1 + fused_saved
     fusedact.unpatch(model)
     assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]

@@ -248,8 +248,9 @@ def test_hooks_on_the_parent_and_no_grad():
     with kernel_calls() as calls:
         out = model(x.requires_grad_())
     assert calls["lean_mlp"] == 1 and seen == [(2, 3, H)]
-    with torch.no_grad():
+    with torch.no_grad(), kernel_calls() as calls:
         assert torch.equal(model(x), fused(x)) and torch.equal(model(x), out.detach())
+    assert calls["lean_mlp"] == 0 and calls["bias_act"] == 3  # the fused path, in both
 
 
 def test_autocast_bf16_is_bitwise_the_fused_path():

@@ -19,7 +19,8 @@ or transformers' ``Conv1D``, ``fc1`` the bias-skipping layer ``patch`` made, pla
 between them only ``nn.Identity`` or ``nn.Dropout`` (timm's ``norm`` and ``drop1``). Checked again at each
 call: the dropouts inactive (eval mode, or ``p == 0``), no hooks, ``act`` still that ``FoldedBias``, and by
 ``fusedact.mlp.mlp_of`` the layers (a LoRA-style wrapper put around one later, DTensor weights under tensor
-parallelism); where any fails, the chain's modules are called one by one, which is the original code.
+parallelism); where any fails, the chain's modules are called one by one, which is the original code
+(so too without grad: nothing is kept for backward then, and the same numbers come without the checks).
 Rewrite: the parent's class becomes ``Fused<Class>`` (``LeanSequential`` for ``nn.Sequential``), whose
 forward runs the chain with each proven MLP on ``mlp_of``. The rest of the chain (GPT-2's last dropout)
 is called as the code calls it.
@@ -31,6 +32,7 @@ import functools
 from collections.abc import Sequence
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import functional, mlp, ops
@@ -139,7 +141,8 @@ def _run_mlp(modules: Sequence, x: Tensor) -> Tensor:
     """``fc2(...(act(fc1(x))))``: the lean block where the chain is still the proven MLP, else each called."""
     fc1, act, *between, fc2 = modules
     if (
-        isinstance(act, FoldedBias)
+        torch.is_grad_enabled()  # else nothing is kept for backward: the modules called skip the checks
+        and isinstance(act, FoldedBias)
         and act.dim == -1
         and act.activation in FOLDABLE
         and mlp._runs_its_class_code(act)
