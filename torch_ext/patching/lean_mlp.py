@@ -186,10 +186,12 @@ class LeanSequential(nn.Sequential):
 
 
 @functools.cache
-def _fused_class(cls: type) -> type:
+def _fused_class(cls: type, sequential: bool) -> type:
+    """``cls`` running its proven MLPs lean: over its children in order (``sequential``: nn.Sequential's own
+    forward), or over the chain its forward calls."""
     if cls is nn.Sequential:
         return LeanSequential
-    forward = LeanSequential.forward if issubclass(cls, nn.Sequential) else _chain_forward
+    forward = LeanSequential.forward if sequential else _chain_forward
     return type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "_fusedact_original": cls})
 
 
@@ -209,7 +211,7 @@ def patch(parent: nn.Module, context: Context) -> None:
     if not found:
         return
     plan = {segment[0]: segment for segment in found}
-    context.set_class(parent, _fused_class(cls), _fusedact_lean=plan if names is None else (names, plan))
+    context.set_class(parent, _fused_class(cls, names is None), _fusedact_lean=plan if names is None else (names, plan))
     for segment in found:
         activation = dict(modules)[segment[1]].activation
         after = f"{type(parent).__name__} ({activation} two-layer MLP {segment[0]} -> {segment[-1]}, lean block)"
