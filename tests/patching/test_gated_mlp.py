@@ -185,6 +185,8 @@ def test_lean_block_is_bitwise_the_fused_path(name, device):
     with torch.no_grad(), kernel_calls() as calls:  # nothing to keep: the fused path (fewer checks per call)
         assert torch.equal(model(x), reference[0])
     assert calls[fused_op] == 1 and not calls[lean_op]
+    argument = "hidden_states" if name == "packed (Phi-3)" else "x"
+    assert torch.equal(model(**{argument: x}), reference[0])  # by the name the original forward gives it
     assert _saved(model, x) == 1 + 2 // (1 + ("packed" in name)) and _saved(fused, x) == 1 + fused_saved
     fusedact.unpatch(model)
     assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]

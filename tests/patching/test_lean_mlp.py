@@ -264,6 +264,9 @@ def test_hooks_on_the_parent_and_no_grad():
     with torch.no_grad(), kernel_calls() as calls:
         assert torch.equal(model(x), fused(x)) and torch.equal(model(x), out.detach())
     assert calls["lean_mlp"] == 0 and calls["bias_act"] == 3  # the fused path, in both
+    assert torch.equal(model(hidden_states=x), out)  # called by the name the original forward gives x
+    with pytest.raises(TypeError, match="takes 1 argument \\('hidden_states'\\) but 2 were given"):
+        model(x, x)
 
 
 def test_autocast_bf16_is_bitwise_the_fused_path():

@@ -36,15 +36,16 @@ from .context import Context, has_hooks, is_patched_class
 from .kinds import GATED, activation_kind
 from .layers import LinearBiasInActivation, bias_like
 from .products import _chunk
-from .source import attribute_uses, function_tree, is_docstring, single_call
+from .source import attribute_uses, call_argument, function_tree, is_docstring, single_call
 
 ACTION = "gated_mlp"
 LEAN = "lean block"  # how a change's ``after`` says the lean block runs there
 
 
-def _gated_mlp_forward(self, x: Tensor) -> Tensor:
+def _gated_mlp_forward(self, *args, **kwargs) -> Tensor:
     # The layers whose biases were folded are held here, not looked up as self.gate_proj / self.up_proj:
     # a wrapper put there later (a LoRA adapter around the layer) must not lose the bias.
+    x = call_argument("forward", self._fusedact_argument, args, kwargs)
     activation, params, gate_bias_of, up_bias_of = self._fusedact_gated
     gate, up = self.gate_proj(x), self.up_proj(x)
     gate_bias = None if gate_bias_of is None else bias_like(gate_bias_of, gate)
@@ -52,14 +53,16 @@ def _gated_mlp_forward(self, x: Tensor) -> Tensor:
     return self.down_proj(F.gated(gate, up, gate_bias, up_bias, activation, **params))
 
 
-def _lean_gated_mlp_forward(self, x: Tensor) -> Tensor:
+def _lean_gated_mlp_forward(self, *args, **kwargs) -> Tensor:
+    x = call_argument("forward", self._fusedact_argument, args, kwargs)
     activation, params, gate_bias_of, up_bias_of = self._fusedact_gated
     return mlp.gated_mlp_of(
         x, self.gate_proj, self.up_proj, self.down_proj, activation, gate_bias_of, up_bias_of, **params
     )
 
 
-def _lean_packed_forward(self, x: Tensor) -> Tensor:
+def _lean_packed_forward(self, *args, **kwargs) -> Tensor:
+    x = call_argument("forward", self._fusedact_argument, args, kwargs)
     activation, params, gate_up, down, gate_first, bias_of = self._fusedact_packed
     return mlp.gated_mlp_packed_of(
         x, getattr(self, gate_up), getattr(self, down), activation, gate_first, bias_of, **params
@@ -196,7 +199,10 @@ def _patch_packed(module: nn.Module, context: Context) -> None:
     original = type(module)
     bias_of = _fold(gate_up, context)
     state = (*activation, gate_up_name, down_name, gate_first, bias_of)
-    context.set_class(module, _gated_mlp_class(original, _lean_packed_forward), _fusedact_packed=state)
+    argument = function_tree(original.forward).args.args[1].arg
+    context.set_class(
+        module, _gated_mlp_class(original, _lean_packed_forward), _fusedact_packed=state, _fusedact_argument=argument
+    )
     folded = ", 1 bias folded" if bias_of is not None else ""
     after = f"{type(module).__name__} ({activation[0]} packed gated kernel, both halves of one projection read in "
     after += f"place{folded}, {LEAN})"
@@ -218,6 +224,8 @@ def patch(module: nn.Module, context: Context) -> None:
     original = type(module)
     folded = [_fold(projection, context) for projection in (gate, up)]
     forward = _lean_gated_mlp_forward if context.lean_mlp else _gated_mlp_forward
-    context.set_class(module, _gated_mlp_class(original, forward), _fusedact_gated=(*activation, *folded))
+    argument = function_tree(original.forward).args.args[1].arg  # x: as the original forward names it
+    state = {"_fusedact_gated": (*activation, *folded), "_fusedact_argument": argument}
+    context.set_class(module, _gated_mlp_class(original, forward), **state)
     after = f"{type(module).__name__} ({activation[0]} gated kernel{', ' + LEAN if context.lean_mlp else ''})"
     context.change(context.path(module), ACTION, original.__name__, after)

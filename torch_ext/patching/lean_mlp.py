@@ -39,7 +39,7 @@ from .. import functional, mlp, ops
 from .context import Context, has_hooks, is_patched_class
 from .kinds import FOLDABLE
 from .layers import FoldedBias
-from .source import attribute_uses, function_tree, is_docstring, single_call
+from .source import attribute_uses, call_argument, function_tree, is_docstring, single_call
 
 ACTION = "lean_mlp"
 _INERT = (nn.Identity, nn.Dropout)  # classes that may stand between act and fc2 (inert ones at call time)
@@ -168,8 +168,9 @@ def _run_chain(modules: Sequence[tuple[str, object]], plan: dict, x: Tensor) -> 
     return x
 
 
-def _chain_forward(self, x):
-    names, plan = self._fusedact_lean
+def _chain_forward(self, *args, **kwargs):
+    names, plan, argument = self._fusedact_lean
+    x = call_argument("forward", argument, args, kwargs)
     return _run_chain([(name, getattr(self, name)) for name in names], plan, x)
 
 
@@ -211,7 +212,8 @@ def patch(parent: nn.Module, context: Context) -> None:
     if not found:
         return
     plan = {segment[0]: segment for segment in found}
-    context.set_class(parent, _fused_class(cls, names is None), _fusedact_lean=plan if names is None else (names, plan))
+    state = plan if names is None else (names, plan, function_tree(cls.forward).args.args[1].arg)
+    context.set_class(parent, _fused_class(cls, names is None), _fusedact_lean=state)
     for segment in found:
         activation = dict(modules)[segment[1]].activation
         after = f"{type(parent).__name__} ({activation} two-layer MLP {segment[0]} -> {segment[-1]}, lean block)"

@@ -92,6 +92,17 @@ def forward_tree(cls: type) -> Optional[ast.FunctionDef]:
     return tree if tree is not None and tree.args.args else None  # a method: its first argument is self
 
 
+def call_argument(forward_name: str, parameter: str, args: tuple, kwargs: dict):
+    """The one argument a rewritten ``forward(self, parameter)`` was called with, positionally or by the name
+    the original code gives it (``mlp(hidden_states=h)``); a call the original would reject raises as it would."""
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and len(kwargs) == 1 and parameter in kwargs:
+        return kwargs[parameter]
+    given = len(args) + len(kwargs)
+    raise TypeError(f"{forward_name}() takes 1 argument ({parameter!r}) but {given} were given: {sorted(kwargs)}")
+
+
 def self_attribute(node: ast.AST, self_name: str) -> Optional[str]:
     """``name`` where ``node`` is ``self.name``."""
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == self_name:
