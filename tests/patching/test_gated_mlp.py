@@ -222,3 +222,30 @@ def test_a_wrapper_added_after_patching_runs_and_keeps_the_folded_biases():
     with kernel_calls() as calls:
         model(x)
     assert calls["lean_gated"] == 1
+
+
+def test_lean_is_claimed_only_where_it_can_run():
+    """Biases the kernel cannot add (fold_bias=False) or a down projection the lean block does not compute:
+    the fused forward, and the report does not say lean; the same function either way."""
+    torch.manual_seed(0)
+    for build, options in (
+        (lambda: GatedMLP(8, 16, nn.SiLU(), bias=True), {"fold_bias": False}),
+        (lambda: PackedMLP(bias=True), {"fold_bias": False}),
+    ):
+        model = build()
+        original = copy.deepcopy(model)
+        report = fusedact.patch(model, **options)
+        assert "lean block" not in str(report), str(report)
+        with kernel_calls() as calls:
+            model(torch.randn(2, 8))
+        assert not {name for name in calls if name.startswith("lean")}
+        assert_same_function(model, original, torch.randn(3, 8))
+
+    class OwnDown(nn.Linear):  # not nn.Linear by class: its forward may differ
+        def forward(self, x):
+            return super().forward(x)
+
+    model = GatedMLP(8, 16, nn.SiLU())
+    model.down_proj = OwnDown(16, 8)
+    report = fusedact.patch(model)
+    assert report.changes[0].after == "FusedGatedMLP (silu gated kernel)"

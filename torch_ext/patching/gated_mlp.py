@@ -16,7 +16,8 @@ Rewrite: the module's class becomes ``Fused<Class>``. With ``lean_mlp`` (the def
 ``fusedact.mlp.gated_mlp_of`` / ``gated_mlp_packed_of`` on its projections: the lean block (x, gate and up
 kept for backward instead of x, gate, up and the product) where every layer is a plain ``nn.Linear`` without
 hooks and plain-tensor weights at call time, else the layers called (``lean_layer``: hooks, a LoRA-style
-wrapper put around a projection later, DTensor weights under tensor parallelism). With ``lean_mlp=False``:
+wrapper put around a projection later, DTensor weights under tensor parallelism; without grad). Claimed only
+where the lean block can run: every gate/up bias folded, ``down_proj`` a plain layer. With ``lean_mlp=False``:
 the layers called and the gated kernel between them (the fused path; the lean block's results are bitwise
 those). With ``fold_bias``, the gate/up biases are added in the kernel: each projection's class becomes
 ``LinearBiasInActivation``, and the MLP holds the layers whose biases it adds, so a wrapper put around a
@@ -194,8 +195,15 @@ def _patch_packed(module: nn.Module, context: Context) -> None:
     gate_up_name, act_name, down_name, gate_first = proof
     gate_up, down = getattr(module, gate_up_name, None), getattr(module, down_name, None)
     activation = _gated_activation(module, getattr(module, act_name, None), context)
-    if activation is None or type(gate_up) is not nn.Linear or has_hooks(gate_up) or not isinstance(down, nn.Module):
+    if (
+        activation is None
+        or type(gate_up) is not nn.Linear
+        or has_hooks(gate_up)
+        or not mlp.lean_layer(down, None, False)
+    ):
         return
+    if gate_up.bias is not None and not (context.fold_bias and context.single_path(gate_up)):
+        return  # a bias the kernel cannot add: the lean block would never run (gated_forward's product rule will)
     original = type(module)
     bias_of = _fold(gate_up, context)
     state = (*activation, gate_up_name, down_name, gate_first, bias_of)
@@ -223,9 +231,16 @@ def patch(module: nn.Module, context: Context) -> None:
         return
     original = type(module)
     folded = [_fold(projection, context) for projection in (gate, up)]
-    forward = _lean_gated_mlp_forward if context.lean_mlp else _gated_mlp_forward
+    # The lean block adds gate/up biases in its kernel only: a bias left in its layer (fold_bias=False, a
+    # layer shared elsewhere) or a down_proj it cannot compute would make every call take the fused path.
+    lean = (
+        context.lean_mlp
+        and all(p.bias is None or f is not None for p, f in zip((gate, up), folded, strict=True))
+        and mlp.lean_layer(module.down_proj, None, False)
+    )
+    forward = _lean_gated_mlp_forward if lean else _gated_mlp_forward
     argument = function_tree(original.forward).args.args[1].arg  # x: as the original forward names it
     state = {"_fusedact_gated": (*activation, *folded), "_fusedact_argument": argument}
     context.set_class(module, _gated_mlp_class(original, forward), **state)
-    after = f"{type(module).__name__} ({activation[0]} gated kernel{', ' + LEAN if context.lean_mlp else ''})"
+    after = f"{type(module).__name__} ({activation[0]} gated kernel{', ' + LEAN if lean else ''})"
     context.change(context.path(module), ACTION, original.__name__, after)
