@@ -298,3 +298,24 @@ def test_more_than_2_31_elements_channels_in_rows():
     assert torch.equal(x.grad[-1:], torch.where(last > 0, 1.0, 0.25).to(torch.bfloat16))
     expected = torch.where(x.detach() > 0, 0.0, x.detach().float()).sum(dim=(0, 2, 3))
     torch.testing.assert_close(weight.grad.float(), expected, rtol=1e-2, atol=1.0)
+
+
+@pytest.mark.parametrize(
+    "triton_version,numpy_version,problem",
+    [("3.1.0", "2.0.0", "loses its stores"), ("3.1.0", "1.26.4", None), ("3.6.0", "2.4.6", "numpy<2.4"),
+     ("3.6.0", "2.3.5", None), ("3.7.0", "2.4.6", None), ("3.8.0+git", "2.4.6", None)],
+)  # fmt: skip
+def test_interpreter_problem(monkeypatch, triton_version, numpy_version, problem):
+    """Version pairs whose interpreter gives wrong answers or breaks are named, never tested through."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    ops.interpreter_problem.cache_clear()
+    try:
+        found = ops.interpreter_problem()
+    finally:
+        monkeypatch.undo()
+        ops.interpreter_problem.cache_clear()
+    assert (found is None) if problem is None else (problem in found), found

@@ -28,7 +28,31 @@ except ImportError:  # no Triton: CPU fallback only
     _triton = None
 
 _KERNELS_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_cpu_backend = "triton" if (_triton is not None and _KERNELS_INTERPRETED) else "torch"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+@functools.cache
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run fusedact's kernels here, or None. Its numpy evaluation breaks
+    with newer numpy releases: Triton 3.1's loses its stores silently with numpy 2 (outputs come back
+    unwritten), and before Triton 3.7 it fails on numpy 2.4's scalar conversion."""
+    if _triton is None:
+        return "Triton is not installed"
+    import numpy
+    import triton
+
+    triton_release, numpy_release = _release(triton.__version__), _release(numpy.__version__)
+    if triton_release < (3, 2) and numpy_release >= (2, 0):
+        return f"Triton {triton.__version__}'s interpreter loses its stores with numpy {numpy.__version__}: use numpy<2"
+    if triton_release < (3, 7) and numpy_release >= (2, 4):
+        return f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__}: use numpy<2.4"
+    return None
+
+
+_cpu_backend = "triton" if (_triton is not None and _KERNELS_INTERPRETED and not interpreter_problem()) else "torch"
 
 
 def set_cpu_backend(backend: str) -> None:
@@ -41,6 +65,8 @@ def set_cpu_backend(backend: str) -> None:
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     if backend == "triton" and (_triton is None or not _KERNELS_INTERPRETED):
         raise RuntimeError("the 'triton' CPU backend needs triton and TRITON_INTERPRET=1 set before import")
+    if backend == "triton" and interpreter_problem():
+        raise RuntimeError(f"the 'triton' CPU backend cannot run here: {interpreter_problem()}")
     _cpu_backend = backend
 
 
