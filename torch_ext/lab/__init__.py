@@ -10,7 +10,7 @@
 - ``plot_activations([...])``: each activation and its derivative as fusedact computes them (``fusedact plot``).
 
 The command line is ``fusedact --help`` (or ``python -m fusedact --help``). Nothing here is imported by
-``import fusedact``; matplotlib, scikit-learn and tqdm (the ``lab`` extra) load only when a command needs them.
+``import fusedact``; matplotlib and scikit-learn (the ``lab`` extra) load only when a command needs them.
 """
 
 from .inspection import format_inspection, inspect_model
