@@ -209,7 +209,9 @@ def e2e_commands(run: Run) -> list[list[str]]:
     e2e = [run.python, "-m", "bench.e2e", "--out", str(run.out)]
     if run.dry:
         return [e2e + ["--device", "cpu", "--quick", "--warmup", "1", "--steps", "1"]]
-    return [e2e + ["--device", "cuda", "--variants", "eager", "fusedact", "compile", "--warmup", "3", "--steps", "10"]]
+    # fusedact-nolean: patch(lean_mlp=False), the fused path without the lean MLP blocks (issue 15's comparison)
+    variants = ["--variants", "eager", "fusedact", "fusedact-nolean", "compile"]
+    return [e2e + ["--device", "cuda", *variants, "--warmup", "3", "--steps", "10"]]
 
 
 PARTS = (

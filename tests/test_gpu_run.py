@@ -126,7 +126,7 @@ def test_the_real_gpu_commands_parse(tmp_path):
     (command,) = gpu_run.e2e_commands(run)
     assert command[1:3] == ["-m", "bench.e2e"]
     args = e2e.build_parser().parse_args(command[3:])
-    assert args.device == "cuda" and args.variants == ["eager", "fusedact", "compile"]
+    assert args.device == "cuda" and args.variants == ["eager", "fusedact", "fusedact-nolean", "compile"]
 
 
 def test_bench_interrupted_writes_what_it_measured(tmp_path, monkeypatch, capsys):
