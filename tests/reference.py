@@ -17,6 +17,8 @@ Bias gradients are sums over M rows in fp32 before one rounding: the floor becom
 the magnitudes of the summed terms.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,8 +48,8 @@ LIMIT_FIXED = ("gelu", "silu", "swish", "quick_gelu", "mish")
 # Activations whose backward reads their output, rounded to the output dtype, as eager PyTorch's does.
 SAVES_OUTPUT = ("sigmoid", "tanh")
 
-_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
-_MIN_EXPONENT = {torch.float16: -14, torch.bfloat16: -126, torch.float32: -126}
+_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
+_MIN_EXPONENT = {torch.float16: -14, torch.bfloat16: -126, torch.float32: -126, torch.float64: -1022}
 
 
 def reference_activation(z: torch.Tensor, function: str, params: dict) -> torch.Tensor:
@@ -161,3 +163,101 @@ def cancellation_floor(z: torch.Tensor, grad: torch.Tensor | float = 1.0) -> tor
 def reference_softmax(z: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     """softmax (or log_softmax) along ``dim`` of the exact float64 ``z = x + bias`` (differentiable)."""
     return torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tail-accurate float64 references (tests/test_numerics.py). PyTorch's float64 formulas cancel in the
+# tails as its fp32 ones do, only later: F.gelu's `1 + erf` is 0 below z = -8.3, where the bf16 value is
+# -1e-16; the tanh GELU's `1 + tanh(u)` cancels below z = -6; F.mish's softplus overflows. These are
+# the same functions written without cancellation (erfc, sigmoid from exp(-|x|), 1 - t from its own
+# formula), each within a few float64 ULPs over the whole range; tests/test_numerics.py checks them
+# against mpmath.
+
+_SQRT_8_OVER_PI = 1.5957691216057308  # 2 sqrt(2 / pi): the tanh GELU's 2u = _SQRT_8_OVER_PI (z + 0.044715 z^3)
+
+
+def _sigmoid64(x: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(-x.abs())
+    return torch.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _times(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """z * p, with p's limit 0 giving a zero signed like z (never inf * 0 = NaN)."""
+    return torch.where(p == 0, torch.copysign(torch.zeros_like(z), z), z * p)
+
+
+def exact_activation(z: torch.Tensor, function: str, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(z), f'(z)) in float64 for a float64 ``z``, accurate in every tail, with the limits at +-inf.
+    ``function`` and ``params`` as in SINGLE_CASES. sigmoid's and tanh's derivatives here are of the
+    input; their backward reads the rounded output (``saved_output_derivative``)."""
+    z = z.to(torch.float64)
+    one = torch.ones_like(z)
+    if function == "relu":
+        return torch.relu(z), torch.where(z > 0, one, torch.where(torch.isnan(z), one, 0.0))
+    if function == "leaky_relu":
+        slope = params["negative_slope"]
+        return F.leaky_relu(z, slope), torch.where(z > 0, one, slope * one)
+    if function == "gelu" and params.get("approximate", "none") == "none":
+        cdf = 0.5 * torch.special.erfc(-z * 0.7071067811865476)
+        pdf = 0.3989422804014327 * torch.exp(-0.5 * z * z)
+        return _times(z, cdf), cdf + _times(z, pdf)
+    if function in ("gelu", "silu", "swish", "quick_gelu"):
+        if function == "gelu":  # tanh: z * sigmoid(2u)
+            logit = _SQRT_8_OVER_PI * (z + 0.044715 * z**3)
+            logit_derivative = _SQRT_8_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+        else:
+            beta = {"silu": 1.0, "quick_gelu": 1.702}.get(function, params.get("beta"))
+            logit, logit_derivative = beta * z, beta * one
+        s = _sigmoid64(logit)
+        slope = s * _sigmoid64(-logit)  # s (1 - s) without the cancellation; 0 where it underflows
+        slope = torch.where(slope == 0, 0.0, slope * logit_derivative)  # (0 * inf at z = +-inf)
+        return _times(z, s), s + _times(z, slope)
+    if function == "sigmoid":
+        s = _sigmoid64(z)
+        return s, s * _sigmoid64(-z)
+    if function == "tanh":
+        t = torch.tanh(z)
+        return t, 1.0 / torch.cosh(z) ** 2
+    if function in ("elu", "selu", "celu"):
+        if function == "selu":
+            alpha, scale, input_scale = 1.6732632423543772, 1.0507009873554805, 1.0
+        else:
+            alpha, scale = params["alpha"], 1.0
+            input_scale = 1.0 if function == "elu" else 1.0 / alpha
+        negative = z <= 0
+        value = torch.where(negative, scale * alpha * torch.expm1(z * input_scale), scale * z)
+        derivative = torch.where(negative, scale * alpha * input_scale * torch.exp(z * input_scale), scale * one)
+        return value, torch.where(torch.isnan(z), z, derivative)
+    if function == "relu_squared":
+        positive = torch.relu(z)
+        return positive**2, 2 * positive
+    if function == "mish":
+        e = torch.exp(torch.clamp(z, max=40.0))  # t = tanh(softplus(z)) is 1 in float64 past 40
+        n = e * (e + 2.0)
+        t = n / (n + 2.0)
+        e = torch.exp(z)  # unclamped for 1 - t = 2 / (n + 2), which tends to 0 (n = inf past z = 709)
+        one_minus_t_squared = 2.0 / (e * (e + 2.0) + 2.0) * (1.0 + t)
+        return _times(z, t), t + _times(z, one_minus_t_squared * _sigmoid64(z))
+    if function == "heaviside":
+        step = torch.heaviside(z, torch.tensor(params["value"], dtype=torch.float64))
+        return step, one if params.get("straight_through", False) else torch.zeros_like(z)
+    raise ValueError(function)
+
+
+def saved_output_derivative(y: torch.Tensor, function: str) -> torch.Tensor:
+    """sigmoid's and tanh's derivative from their output ``y`` (as stored: rounded), in float64."""
+    y = y.to(torch.float64)
+    return y * (1.0 - y) if function == "sigmoid" else 1.0 - y * y
+
+
+def ulp_error(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|actual - reference| in ULPs of ``dtype`` at the reference (float64). A reference that rounds to
+    +-inf in ``dtype`` asks for that inf (0 ULP if given, inf otherwise); NaN must meet NaN (else inf)."""
+    actual = actual.detach().to(torch.float64).cpu()
+    reference = reference.detach().to(torch.float64).cpu()
+    rounded = reference.to(dtype).to(torch.float64)
+    target = torch.where(torch.isinf(rounded), rounded, reference)
+    error = (actual - target).abs() / ulp(target, dtype)
+    error = torch.where(actual == target, 0.0, error)  # equal infinities (inf - inf is NaN)
+    both_nan = torch.isnan(actual) & torch.isnan(target)
+    return torch.where(both_nan, 0.0, torch.nan_to_num(error, nan=math.inf, posinf=math.inf))

@@ -28,10 +28,9 @@ import fusedact
 from fusedact import ops
 from reference import SINGLE_CASES, gate_reference, reference_activation
 
-# PyTorch's silu_backward and mish_backward have no derivative, and the fallback's fast path calls them for
-# finite inputs (PyTorch's own F.silu switches to a differentiable formula when grad mode is on in backward).
-# Asked of the fallback's owner (torch_ext/_fallback.py): the careful formulas there when grad mode is on.
-NOT_TWICE_DIFFERENTIABLE = {"silu", "mish", "swiglu"}
+# PyTorch's silu_backward and mish_backward have no derivative: the fallback takes differentiable formulas
+# instead when grad mode is on in backward (torch_ext/_fallback.py), so every case is twice differentiable.
+NOT_TWICE_DIFFERENTIABLE: set[str] = set()
 _FALLBACK_REASON = "fallback: aten.silu_backward / aten.mish_backward have no derivative (fallback owner's fix)"
 
 

@@ -1,17 +1,30 @@
 """The PyTorch fallback, for tensors the Triton kernels do not run on (CPU, fp64).
 
 Evaluated in fp32 (fp64 for fp64 tensors) with one rounding to the output dtype at the end, like the
-kernels. Two paths, one function:
+kernels. Two paths, chosen per element:
 
-- Fast path: PyTorch's own fused ops (``F.gelu``, ``aten.gelu_backward``, ``F.silu``...). relu and
-  leaky_relu always take it: they have exactly the kernels' semantics. The smooth activations take it when
-  every input is finite and below ``TAME_LIMIT`` in magnitude, where PyTorch's ops and the kernels compute
-  the same function (they may differ in the last fp32 bits).
-- Careful path: the twin of ``kernels/activations.py``, line for line (same formulas, same limits at
-  +-inf, no spurious NaN for huge inputs), for tensors holding NaN, inf or huge values.
+- Fast path: PyTorch's own fused ops (``F.gelu``, ``aten.gelu_backward``, ``F.silu``...), for the
+  elements inside the range where that op meets fusedact's accuracy (``FAST_RANGE``: bf16/fp16 within
+  1 ULP and fp32 within a few ULPs of the exact value). relu, leaky_relu, tanh, the ELU family's forward
+  and heaviside always take it: their PyTorch ops are accurate over the whole range and have exactly the
+  kernels' semantics. Outside those ranges PyTorch's fp32 ops cancel (``1 + erf`` below z = -1.8,
+  ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below -88), and
+  give NaN at +-inf where the function has a limit.
+- Careful path: the twin of ``kernels/activations.py``, line for line (same formulas, same scaling of
+  exponentials by 2^64 in the tails, same limits at +-inf; see that module's docstring), for the
+  elements outside ``FAST_RANGE`` (tails, NaN, inf, huge values), and for every element when a backward
+  must itself be differentiable (grad mode on and an input requiring grad: double backward) and PyTorch's
+  op has no derivative (``aten.silu_backward``, ``aten.mish_backward``). Where the kernels evaluate erfc
+  with their own fit of erfcx (Triton's interpreter has no libdevice), the twin calls
+  ``torch.special.erfcx``, accurate in fp64 too. Every constant of the twin (clamps, scaling thresholds)
+  holds in fp64 as well.
 
-The tests hold both paths, and the kernels, to float64 references.
+The ELU family's gradient at a NaN input is NaN (PyTorch's ``elu_backward`` gives NaN on its vectorized
+CPU path and ``grad * scale`` on its scalar and CUDA paths). The tests hold both paths, and the kernels,
+to float64 references over every finite bf16 and fp16 value (tests/test_numerics.py).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -19,50 +32,48 @@ from torch import Tensor
 
 from ._channels import channel_shape, reduce_to_channels
 
+_LOG2E = 1.4426950408889634
+_HALF_LOG2E = 0.7213475204444817
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
-_TWO_SQRT_2_OVER_PI = 1.5957691216057308
-_GELU_TANH_CUBIC = 0.044715
-_GELU_TANH_CLAMP = 20.0
+_TAIL_EXPONENT = -118.0
+_TAIL_SCALE = 2.0**-64
+_TAIL_HALF_SCALE = 2.0**-32
+_LOGISTIC_TAIL = -82.0
+_LOGISTIC_CLAMP = 800.0
+_GELU_TANH_A = 1.5957691216057308
+_GELU_TANH_B = 0.07135481627260025
+_GELU_TANH_3B = 0.21406444881780076
+_GELU_TANH_CLAMP = 40.0
+_GELU_CLAMP = 40.0
+_GELU_TAIL = -12.8
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+_SELU_NEGATIVE = 1.7580993408473766
+_MISH_CLAMP = 20.0
+_MISH_LOW_CLAMP = -800.0
+
 # Below this magnitude gelu-tanh's z^3 and its derivative's z^2 stay finite in fp32 (PyTorch's
-# gelu_backward turns 0 * inf into NaN beyond ~1e19), and every other formula is exact.
+# gelu_backward turns 0 * inf into NaN beyond ~1e19); beyond it every smooth activation takes the careful path.
 TAME_LIMIT = 1e12
+# (activation, "forward" | "backward") -> [low, high] of the pre-activation (swish: of beta * z) where
+# PyTorch's own fp32 op is within ~4 fp32 ULPs plus the condition number's share (measured over a dense
+# fp32 grid of the whole range), so within 1 ULP in bf16/fp16. NaN is never inside.
+FAST_RANGE: dict[tuple[str, str], tuple[float, float]] = {
+    ("gelu", "forward"): (-1.5, TAME_LIMIT),  # 1 + erf cancels below
+    ("gelu", "backward"): (0.0, TAME_LIMIT),  # aten.gelu_backward is 8 fp32 ULPs off already at -0.4
+    ("gelu_tanh", "forward"): (-2.0, TAME_LIMIT),  # 1 + tanh cancels below
+    ("gelu_tanh", "backward"): (-2.0, 4.5),  # and 1 - tanh^2 above
+    ("swish", "forward"): (-80.0, TAME_LIMIT),  # 1 / (1 + exp(-x)) underflows below -88
+    ("swish", "backward"): (-80.0, 7.0),  # and 1 - sigmoid cancels above
+    ("sigmoid", "forward"): (-80.0, math.inf),
+    ("mish", "forward"): (-80.0, TAME_LIMIT),
+    ("mish", "backward"): (-80.0, 7.0),
+}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _scale(z: Tensor, p: Tensor) -> Tensor:
-    signed_zero = torch.where(z < 0, -0.0, 0.0).to(z.dtype)
-    return torch.where(p == 0, signed_zero, z * p)
-
-
-def _gelu_tanh_logit(z: Tensor) -> tuple[Tensor, Tensor]:
-    zc = z.clamp(-_GELU_TANH_CLAMP, _GELU_TANH_CLAMP)  # torch.clamp keeps NaN
-    z_squared = zc * zc
-    logit = _TWO_SQRT_2_OVER_PI * (zc + _GELU_TANH_CUBIC * z_squared * zc)
-    logit_derivative = _TWO_SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * z_squared)
-    return logit, logit_derivative
-
-
-def _mish_tanh_softplus(z: Tensor) -> Tensor:
-    e = torch.exp(z.clamp(max=_MISH_CLAMP))
-    n = e * (e + 2.0)
-    return n / (n + 2.0)
-
-
-def _tame(z: Tensor) -> bool:
-    """Every element finite and within TAME_LIMIT (a NaN makes aminmax NaN, so not tame). One pass."""
-    if z.numel() == 0:
-        return True
-    low, high = torch.aminmax(z)
-    return bool(low > -TAME_LIMIT) and bool(high < TAME_LIMIT)
-
-
-_SELU_ALPHA = 1.6732632423543772
-_SELU_SCALE = 1.0507009873554805
-_MISH_CLAMP = 20.0
 
 
 def _elu_params(activation: str, param: float) -> tuple[float, float, float]:
@@ -74,14 +85,34 @@ def _elu_params(activation: str, param: float) -> tuple[float, float, float]:
     return param, 1.0, 1.0 / param  # celu
 
 
+def _fast_where_accurate(key: tuple[str, str], x: Tensor, fast, careful) -> Tensor:
+    """``fast()`` where ``x`` lies in ``FAST_RANGE[key]``, ``careful(mask)`` (the careful formula on the
+    elements selected by ``mask``) elsewhere; each evaluated only where needed."""
+    low, high = FAST_RANGE[key]
+    inside = (x >= low) & (x <= high)  # False for NaN
+    if bool(inside.all()):
+        return fast()
+    outside = ~inside
+    if bool(outside.all()):
+        return careful(None)
+    return fast().index_put((outside,), careful(outside))
+
+
+def _pick(t: Tensor, mask: Tensor | None) -> Tensor:
+    return t if mask is None or t.dim() == 0 else t[mask]
+
+
+def _needs_derivative(*tensors: Tensor) -> bool:
+    """Whether autograd records this backward (double backward): then no op without a derivative."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def activation_forward(z: Tensor, activation: str, param: float) -> Tensor:
-    # Activations whose PyTorch op has the kernels' semantics for every input, inf and NaN included.
+    # Activations whose PyTorch op has the kernels' semantics and accuracy for every input.
     if activation == "relu":
         return torch.relu(z)
     if activation == "leaky_relu":
         return F.leaky_relu(z, param)
-    if activation == "sigmoid":
-        return torch.sigmoid(z)
     if activation == "tanh":
         return torch.tanh(z)
     if activation in ("elu", "selu", "celu"):
@@ -91,15 +122,23 @@ def activation_forward(z: Tensor, activation: str, param: float) -> Tensor:
         return torch.relu(z).square()
     if activation in ("heaviside", "heaviside_ste"):
         return torch.heaviside(z, z.new_tensor(param))
-    # The smooth ones: PyTorch's ops where they agree with the kernels, the careful twin elsewhere.
-    if _tame(z):
-        if activation in ("gelu", "gelu_tanh"):
-            return F.gelu(z, approximate="none" if activation == "gelu" else "tanh")
-        if activation == "swish":
-            return F.silu(z) if param == 1.0 else z * torch.sigmoid(param * z)
-        if activation == "mish":
-            return F.mish(z)
-    return _careful_forward(z, activation, param)
+
+    def careful(mask):
+        return _careful_forward(_pick(z, mask), activation, param)
+
+    # The smooth ones: PyTorch's ops where they are accurate, the careful twin elsewhere.
+    if activation in ("gelu", "gelu_tanh"):
+        approximate = "none" if activation == "gelu" else "tanh"
+        return _fast_where_accurate((activation, "forward"), z, lambda: F.gelu(z, approximate=approximate), careful)
+    if activation == "swish":
+        x = param * z
+        fast = (lambda: F.silu(z)) if param == 1.0 else (lambda: z * torch.sigmoid(x))
+        return _fast_where_accurate(("swish", "forward"), x, fast, careful)
+    if activation == "sigmoid":
+        return _fast_where_accurate(("sigmoid", "forward"), z, lambda: torch.sigmoid(z), careful)
+    if activation == "mish":
+        return _fast_where_accurate(("mish", "forward"), z, lambda: F.mish(z), careful)
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: float) -> Tensor:
@@ -113,57 +152,132 @@ def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: flo
         return torch.ops.aten.tanh_backward(grad, saved)
     if activation in ("elu", "selu", "celu"):
         alpha, scale, input_scale = _elu_params(activation, param)
-        if _tame(saved):  # (PyTorch's elu_backward passes the gradient at NaN on some paths)
-            return torch.ops.aten.elu_backward(grad, alpha, scale, input_scale, False, saved)
-        return torch.where(saved > 0, grad * scale, grad * scale * alpha * input_scale * torch.exp(saved * input_scale))
+        # NaN in, NaN out (PyTorch's elu_backward passes the gradient at NaN on some of its paths). Its
+        # exp(z) keeps its bits in fp32's subnormals on CPU: no scaling needed (as the kernels' is).
+        return torch.where(
+            torch.isnan(saved), saved, torch.ops.aten.elu_backward(grad, alpha, scale, input_scale, False, saved)
+        )
     if activation == "relu_squared":
         return torch.ops.aten.threshold_backward(2.0 * saved * grad, saved, 0)
     if activation == "heaviside":
         return torch.zeros_like(grad)
     if activation == "heaviside_ste":
         return grad.clone()
-    if _tame(saved):
-        if activation in ("gelu", "gelu_tanh"):
-            approximate = "none" if activation == "gelu" else "tanh"
-            return torch.ops.aten.gelu_backward(grad, saved, approximate=approximate)
-        if activation == "swish":
-            if param == 1.0:
-                return torch.ops.aten.silu_backward(grad, saved)
-            s = torch.sigmoid(param * saved)
-            return grad * s * (1.0 + param * saved * (1.0 - s))
-        if activation == "mish":
-            return torch.ops.aten.mish_backward(grad, saved)
-    return _careful_backward(grad, saved, activation, param)
+
+    def careful(mask):
+        return _careful_backward(_pick(grad, mask), _pick(saved, mask), activation, param)
+
+    if grad.shape != saved.shape:  # (a broadcast gradient: no element-wise split)
+        grad = grad.expand_as(saved)
+    if activation in ("gelu", "gelu_tanh"):
+        approximate = "none" if activation == "gelu" else "tanh"
+        fast = lambda: torch.ops.aten.gelu_backward(grad, saved, approximate=approximate)  # noqa: E731
+        return _fast_where_accurate((activation, "backward"), saved, fast, careful)
+    if activation == "swish":
+        if param == 1.0 and not _needs_derivative(grad, saved):  # aten.silu_backward has no derivative
+            fast = lambda: torch.ops.aten.silu_backward(grad, saved)  # noqa: E731
+        else:
+            fast = lambda: _swish_backward_plain(grad, saved, param)  # noqa: E731
+        return _fast_where_accurate(("swish", "backward"), param * saved, fast, careful)
+    if activation == "mish":
+        if _needs_derivative(grad, saved):  # aten.mish_backward has no derivative
+            return careful(None)
+        fast = lambda: torch.ops.aten.mish_backward(grad, saved)  # noqa: E731
+        return _fast_where_accurate(("mish", "backward"), saved, fast, careful)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _swish_backward_plain(grad: Tensor, z: Tensor, beta: float) -> Tensor:
+    s = torch.sigmoid(beta * z)
+    return grad * s * (1.0 + beta * z * (1.0 - s))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The careful twin of kernels/activations.py
+
+
+def _times_gate(z: Tensor, p: Tensor) -> Tensor:
+    return z.clamp(min=-torch.finfo(z.dtype).max) * p  # -inf * 0 -> -0.0; torch.clamp keeps NaN
+
+
+def _exp2_scaled(t: Tensor, tail: Tensor) -> Tensor:
+    return torch.exp2(torch.where(tail, t + 64.0, t))
+
+
+def _unscale(v: Tensor, tail: Tensor) -> Tensor:
+    return torch.where(tail, v * _TAIL_SCALE, v)
+
+
+def _grad_times(grad: Tensor, derivative: Tensor, tail: Tensor) -> Tensor:
+    half = torch.where(tail, _TAIL_HALF_SCALE, 1.0).to(derivative.dtype)
+    return (grad * half) * (derivative * half)
+
+
+def _logistic(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    tail = x < _LOGISTIC_TAIL
+    e = _exp2_scaled(-x.abs() * _LOG2E, tail)
+    reciprocal = 1.0 / (1.0 + e)
+    return torch.where(x < 0, e, 1.0) * reciprocal, e * reciprocal * reciprocal, tail
+
+
+def _gelu_tanh_logit(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    zc = z.clamp(-_GELU_TANH_CLAMP, _GELU_TANH_CLAMP)  # torch.clamp keeps NaN
+    z_squared = zc * zc
+    return zc, zc * (_GELU_TANH_A + _GELU_TANH_B * z_squared), _GELU_TANH_A + _GELU_TANH_3B * z_squared
+
+
+def _gelu_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    tail = z < _GELU_TAIL
+    gaussian = _exp2_scaled(-(z * z) * _HALF_LOG2E, tail)
+    # erfc(a) = exp(-a^2) erfcx(a): the kernels fit erfcx; here PyTorch's.
+    half_erfc = 0.5 * torch.special.erfcx(z.abs() * _SQRT_HALF) * gaussian
+    return torch.where(z < 0, half_erfc, 1.0 - half_erfc), _INV_SQRT_2PI * gaussian, tail
+
+
+def _mish_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    t_exp = z.clamp(max=_MISH_CLAMP) * _LOG2E
+    tail = t_exp < _TAIL_EXPONENT
+    e = _exp2_scaled(t_exp, tail)
+    n = e * (e + 2.0)
+    reciprocal = 1.0 / (n + 2.0)
+    return n * reciprocal, (4.0 * e) * (1.0 + e) * (reciprocal * reciprocal), tail
 
 
 def _careful_forward(z: Tensor, activation: str, param: float) -> Tensor:
     if activation == "gelu":
-        return _scale(z, 0.5 * (1.0 + torch.erf(z * _SQRT_HALF)))
+        cdf, _, tail = _gelu_parts(z)
+        return _unscale(_times_gate(z, cdf), tail)
     if activation == "gelu_tanh":
-        logit, _ = _gelu_tanh_logit(z)
-        return _scale(z, torch.sigmoid(logit))
+        _, logit, _ = _gelu_tanh_logit(z)
+        p, _, tail = _logistic(logit)
+        return _unscale(_times_gate(z, p), tail)
     if activation == "swish":
-        return _scale(z, torch.sigmoid(param * z))
+        p, _, tail = _logistic(param * z)
+        return _unscale(_times_gate(z, p), tail)
+    if activation == "sigmoid":
+        p, _, tail = _logistic(z)
+        return _unscale(p, tail)
     if activation == "mish":
-        return _scale(z, _mish_tanh_softplus(z))
+        t, _, tail = _mish_parts(z)
+        return _unscale(_times_gate(z, t), tail)
     raise ValueError(f"unknown activation {activation!r}")
 
 
 def _careful_backward(grad: Tensor, saved: Tensor, activation: str, param: float) -> Tensor:
     if activation == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(saved * _SQRT_HALF))
-        pdf = _INV_SQRT_2PI * torch.exp(-0.5 * saved * saved)
-        return grad * (cdf + _scale(saved, pdf))
+        cdf, pdf, tail = _gelu_parts(saved)
+        return _grad_times(grad, cdf + saved.clamp(-_GELU_CLAMP, _GELU_CLAMP) * pdf, tail)
     if activation == "gelu_tanh":
-        logit, logit_derivative = _gelu_tanh_logit(saved)
-        s = torch.sigmoid(logit)
-        return grad * (s + _scale(saved, s * (1.0 - s) * logit_derivative))
+        zc, logit, logit_derivative = _gelu_tanh_logit(saved)
+        p, slope, tail = _logistic(logit)
+        return _grad_times(grad, p + (zc * logit_derivative) * slope, tail)
     if activation == "swish":
-        s = torch.sigmoid(param * saved)
-        return grad * (s + _scale(saved, s * (1.0 - s) * param))
+        x = param * saved
+        p, slope, tail = _logistic(x)
+        return _grad_times(grad, p + x.clamp(-_LOGISTIC_CLAMP, _LOGISTIC_CLAMP) * slope, tail)
     if activation == "mish":
-        t = _mish_tanh_softplus(saved)
-        return grad * (t + _scale(saved, (1.0 - t * t) * torch.sigmoid(saved)))
+        t, slope, tail = _mish_parts(saved)
+        return _grad_times(grad, t + saved.clamp(_MISH_LOW_CLAMP, _MISH_CLAMP) * slope, tail)
     raise ValueError(f"unknown activation {activation!r}")
 
 
