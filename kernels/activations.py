@@ -53,10 +53,10 @@ formulas avoid all three ways this happens:
    Backward splits the 2^-64 into 2^-32 on the gradient and 2^-32 on the derivative, so neither a huge
    gradient nor a tiny derivative leaves fp32's range before their product does.
 3. ``1 / (1 + exp(-x))`` overflows to ``1 / inf = 0`` below x = -88, and ``1 - sigmoid``, ``1 - tanh^2``
-   cancel where they are small: the logistic is computed as ``e / (1 + e)`` or ``1 / (1 + e)`` with
-   ``e = exp(-|x|) <= 1`` (``_logistic``) and its derivative s (1 - s) as ``e / (1 + e)^2``, never forming
-   1 - s; mish's ``(1 - t^2) sigmoid(z)`` from e alone; tanh's derivative as ``(1 - t)(1 + t)`` (``1 - t``
-   is exact for t >= 1/2).
+   cancel where they are small: the logistic is computed as ``1 / (1 + E)`` with ``E = exp(-x)`` kept
+   below 2^118.3 (the tail below x = -82 takes ``exp(x)`` scaled instead; ``_logistic``) and its
+   derivative s (1 - s) as ``E / (1 + E)^2``, never forming 1 - s; mish's ``(1 - t^2) sigmoid(z)`` from
+   e alone; tanh's derivative as ``(1 - t)(1 + t)`` (``1 - t`` is exact for t >= 1/2).
 
 What each formula relies on from the GPU (H100/H200, sm_90; checked with ``python -m bench.ptx_report``):
 ``tl.exp2`` is ``ex2.approx.ftz.f32``, within 2 ULPs (2^-22 relative) for results that are normal
@@ -134,7 +134,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 _TAIL_EXPONENT = tl.constexpr(-118.0)
 _TAIL_SCALE = tl.constexpr(5.421010862427522e-20)  # 2^-64
 _TAIL_HALF_SCALE = tl.constexpr(2.3283064365386963e-10)  # 2^-32
-# The logistic's exp(-|x|) is scaled below x = -82 (2^-118.3).
+# The logistic's exponential is exp(x), scaled, below x = -82 (2^-118.3), and exp(-x) <= 2^118.3 above.
 _LOGISTIC_TAIL = tl.constexpr(-82.0)
 _FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 # Past |x| = 800 the logistic's tails are 0 even in fp64 (and in fp32 even as 2^(t + 64)): clamping x in
@@ -221,13 +221,15 @@ def _grad_times(grad, derivative, tail):
 @triton.jit
 def _logistic(x):
     """``(p, slope, tail)``: sigmoid(x) = p and sigmoid'(x) = s (1 - s) = slope, both times 2^-64 where
-    ``tail``, from e = exp(-|x|) <= 1: p = e / (1 + e) or 1 / (1 + e), slope = e / (1 + e)^2. No overflow,
-    no cancellation (1 - s is never formed). NaN gives NaN."""
+    ``tail`` (x < -82). From one exponential E: above the tail E = exp(-x) <= 2^118.3, p = 1 / (1 + E),
+    slope = E / (1 + E)^2 (no overflow, no cancellation: 1 - s is never formed); in the tail
+    E = exp(x) 2^64, where p and slope both equal E (1 + exp(x) is 1). NaN gives NaN."""
+    t = x * _LOG2E
     tail = x < _LOGISTIC_TAIL
-    e = _exp2_scaled(-tl.abs(x) * _LOG2E, tail)  # scaled where tail; 1 + e is then 1, as 1 + exp(-|x|)
+    e = tl.exp2(tl.where(tail, t + 64.0, -t))  # (the shift is exact there, as in _exp2_scaled)
     reciprocal = 1.0 / (1.0 + e)
-    p = tl.where(x < 0.0, e, 1.0) * reciprocal
-    slope = e * reciprocal * reciprocal
+    p = tl.where(tail, e, reciprocal)
+    slope = tl.where(tail, e, e * reciprocal * reciprocal)  # (e r) r: e r <= 1, never e r^2 underflowing
     return p, slope, tail
 
 

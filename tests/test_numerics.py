@@ -15,12 +15,12 @@ Claims, per output dtype (the README's "one rounding"):
 Backends: the fallback sweeps every value; the interpreter (``TRITON_INTERPRET=1``) every 5th (every
 bf16 exponent, both signs); the *GPU model* is the interpreter with ``exp``/``exp2``/division replaced by
 the H100's approximations at their documented worst (``ex2.approx``: 2 ULPs, division: 2 ULPs, pushed
-all one way, then all the other, with subnormal results flushed to 0), on every 11th value: the formulas
+all one way, then all the other, with subnormal results flushed to 0), on every 5th value: the formulas
 hold with the GPU's arithmetic, not only with numpy's exact one. On a CUDA machine the compiled kernels
 sweep every value. The gated family (gate activations of swiglu, geglu, reglu, glu) runs the same sweep
 through ``fusedact.gated`` with up = 1.
 
-``python tests/test_numerics.py`` prints the max-ULP table (activation x dtype x backend). About 40 s on
+``python tests/test_numerics.py`` prints the max-ULP table (activation x dtype x backend). About 10-20 s on
 two cores.
 """
 
@@ -50,7 +50,7 @@ GATED_CASES = [
 ]
 _GATED_FUNCTION = {"silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid"}
 # Backend -> stride through the values (1: all of them).
-STRIDE = {"torch": 1, "triton-interpreter": 5, "gpu-model": 11, "cuda": 1}
+STRIDE = {"torch": 1, "triton-interpreter": 5, "gpu-model": 5, "cuda": 1}
 BACKENDS = ["torch"] + (["triton-interpreter"] if HAS_INTERPRETER else []) + (["cuda"] if HAS_CUDA else [])
 
 
@@ -130,8 +130,10 @@ def measure(function, params, dtype, device, stride, gated=False):
     for kind, actual, reference, derivative in (("forward", y, value, False), ("backward", grad, slope, True)):
         error = ulp_error(actual, reference, dtype)
         allowed = allowed_ulps(z, function, params, dtype, derivative)
-        if derivative and gated and function in SAVES_OUTPUT:  # s(1 - s) moves 1 ULP of s when s does
-            allowed = allowed + 2.0 * ulp(value, torch.float32) / ulp(reference, dtype)
+        if derivative and gated and function in SAVES_OUTPUT:
+            # s(1 - s) from the fp32 s moves up to 1 ULP of s per ULP of s's own error: one rounding, and
+            # on the GPU ex2 and div.full's 2 ULPs each (measured: up to 5)
+            allowed = allowed + 8.0 * ulp(value, torch.float32) / ulp(reference, dtype)
         worst = int((error / allowed).argmax())
         results[kind] = {
             "max_ulp": error.max().item(),

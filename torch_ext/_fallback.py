@@ -214,10 +214,11 @@ def _grad_times(grad: Tensor, derivative: Tensor, tail: Tensor) -> Tensor:
 
 
 def _logistic(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    t = x * _LOG2E
     tail = x < _LOGISTIC_TAIL
-    e = _exp2_scaled(-x.abs() * _LOG2E, tail)
+    e = torch.exp2(torch.where(tail, t + 64.0, -t))
     reciprocal = 1.0 / (1.0 + e)
-    return torch.where(x < 0, e, 1.0) * reciprocal, e * reciprocal * reciprocal, tail
+    return torch.where(tail, e, reciprocal), torch.where(tail, e, e * reciprocal * reciprocal), tail
 
 
 def _gelu_tanh_logit(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
