@@ -165,6 +165,8 @@ def _measure_breakdown(device: torch.device, quick: bool, synchronize: Optional[
             result["missing"] = [first_line(error)]
             calls = {"public": lambda xs=xs, bs=bs: fusedact.gelu(xs, bs)}
         z = (xs + bs).detach().requires_grad_(grad)
+        if device.type == "cuda":  # the same public call with fusedact's launch cache off: what it saves
+            calls[UNCACHED_STAGE] = lambda xs=xs, bs=bs: _without_launch_cache(fusedact.gelu, xs, bs)
         calls.update({
             "x + b": lambda xs=xs, bs=bs: xs + bs,
             "F.gelu(z)": lambda z=z: F.gelu(z),
@@ -177,6 +179,19 @@ def _measure_breakdown(device: torch.device, quick: bool, synchronize: Optional[
                                 synchronize=synchronize)  # fmt: skip
         result["columns"][column] = {stage: [1e3 * v for v in quantiles(times)] for stage, times in samples.items()}
     return result
+
+
+UNCACHED_STAGE = "public, launch cache off"
+
+
+def _without_launch_cache(function: Callable[..., object], *args) -> object:
+    """``function(*args)`` with ``fusedact._triton.LAUNCH_CACHE`` off: every launch through Triton's own."""
+    cache = fusedact.ops._triton.LAUNCH_CACHE
+    enabled, cache.enabled = cache.enabled, False
+    try:
+        return function(*args)
+    finally:
+        cache.enabled = enabled
 
 
 def breakdown_rows(breakdown: dict) -> list[tuple[str, str, list[Optional[float]]]]:
@@ -199,6 +214,14 @@ def breakdown_rows(breakdown: dict) -> list[tuple[str, str, list[Optional[float]
         rows.append((name, what, [median(column, name) for column in columns]))
         if name in shares:
             rows.append((f"  {shares[name]}", f"{name} - {names[index + 1]}", share(name, names[index + 1])))
+    if any(UNCACHED_STAGE in column for column in columns):
+        rows.append(
+            (
+                UNCACHED_STAGE,
+                "every launch through Triton's JITFunction.run",
+                [median(c, UNCACHED_STAGE) for c in columns],
+            )
+        )
     for stage in EAGER_STAGES:
         rows.append((f"eager {stage}", "PyTorch", [median(column, stage) for column in columns]))
     ratio = []

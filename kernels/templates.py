@@ -44,7 +44,7 @@ from .rounding import round_to, to_fp32
 TILE_ELEMENTS = 4096
 # The row-addressed backward kernels hold three or four fp32 operands and one or two fp32 accumulator
 # tiles per element: half a tile (8 elements per thread with 8 warps) keeps the gated one under 128
-# registers with no spill (bench/NOTES.md, entry 6, has the numbers and the latency arithmetic).
+# registers with no spill (bench/NOTES.md, entry 7, has the numbers and the latency arithmetic).
 BACKWARD_TILE_ELEMENTS = 2048
 MAX_BLOCK_N = 1024
 # A column block at least this narrow would split rows into many programs for little gain.

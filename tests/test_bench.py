@@ -565,3 +565,21 @@ def test_ptx_report_compiles_a_kernel_for_sm90():
     assert done.returncode == 0, done.stderr
     row = done.stdout.strip().splitlines()[-1]
     assert row.startswith("| act-fwd | gelu | bf16 | 760 | bias_act_fwd_kernel | True |") and "16 B" in row
+
+
+def test_breakdown_shows_the_launch_cache_off():
+    """On a GPU the breakdown also times the public call with the launch cache off (its row appears when
+    measured); the switch is restored afterwards, even on an error."""
+    overhead = import_bench("overhead")
+    cache = fusedact.ops._triton.LAUNCH_CACHE
+    before = cache.enabled
+    seen = overhead._without_launch_cache(lambda: cache.enabled)
+    assert seen is False and cache.enabled == before
+    with pytest.raises(ZeroDivisionError):
+        overhead._without_launch_cache(lambda: 1 / 0)
+    assert cache.enabled == before
+    stages = {name: [2.0, 1.0, 3.0] for name in overhead.stage_names()}
+    breakdown = {"shape": [1, 4096], "dtype": "fp32", "missing": [],
+                 "columns": {"no grad": {**stages, overhead.UNCACHED_STAGE: [5.0, 4.0, 6.0]}}}  # fmt: skip
+    rows = {stage: values for stage, _, values in overhead.breakdown_rows(breakdown)}
+    assert rows[overhead.UNCACHED_STAGE] == [5.0]
