@@ -129,14 +129,14 @@ def layer_calls(x: torch.Tensor, bias: torch.Tensor, detached: tuple) -> dict[st
     lacks raises AttributeError naming it."""
     ops = fusedact.ops
     dim = x.dim() - 1
-    args = ("gelu", 0.0, dim)
+    args = (None, None, "gelu", 0.0, 0.0, dim)  # (no learned parameters)
     calls = {"public": lambda: fusedact.gelu(x, bias)}
     entry = ops.run_bias_act
-    calls["entry"] = lambda: entry(x, bias, None, *args)
+    calls["entry"] = lambda: entry(x, bias, *args)
     implementation = ops._bias_act_impl
-    calls["implementation"] = lambda: implementation(*detached, None, *args)
+    calls["implementation"] = lambda: implementation(*detached, *args)
     backend = ops._backend(detached[0])
-    calls["kernel call"] = lambda: backend.bias_act(*detached, None, *args)
+    calls["kernel call"] = lambda: backend.bias_act(*detached, *args)
     return calls
 
 

@@ -43,7 +43,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from fusedact import _triton, ops  # noqa: E402
+from fusedact import _triton, kernels, ops  # noqa: E402
 
 softmax_ops = importlib.import_module("fusedact.softmax")  # the module (fusedact.softmax is also the function)
 
@@ -62,28 +62,52 @@ def _empty(*shape, dtype):
     return torch.empty(*shape, dtype=dtype)
 
 
+# Each activation's float parameters, and its learned ones (shared by every channel, as xIELU's), as a call
+# of fusedact passes them: (param, param2, number of learned parameters).
+_PARAMETERS = {"hardtanh": (0.0, 6.0), "softplus": (1.0, 20.0), "xielu": (0.5, -1e-6), "leaky_relu": (0.01, 0.0)}
+
+
+def _parameters(activation: str, dtype) -> tuple:
+    """(weight, weight2, param, param2) of ``activation`` for the launchers."""
+    learned = kernels.LEARNED_PARAMETERS.get(activation, 0)
+    weights = [torch.empty(1, dtype=dtype) for _ in range(learned)] + [None] * (2 - learned)
+    return (*weights, *_PARAMETERS.get(activation, (1.0, 0.0)))
+
+
+def _bias_act(x, bias, activation, dim=1):
+    weight, weight2, param, param2 = _parameters(activation, x.dtype)
+    _triton.bias_act(x, bias, weight, weight2, activation, param, param2, dim)
+
+
+def _bias_act_backward(grad_y, saved, bias, activation, with_bias_grad):
+    weight, weight2, param, param2 = _parameters(activation, saved.dtype)
+    saved_is_output = ops.saves_output(activation, param)
+    _triton.bias_act_backward(
+        grad_y, saved, bias, weight, weight2, activation, param, param2, 1, saved_is_output, with_bias_grad,
+        weight is not None,
+    )  # fmt: skip
+
+
 def _act_fwd(activation, dtype, width, rows):
     x, bias = _empty(rows, width, dtype=dtype), _empty(width, dtype=dtype)
-    _triton.bias_act(x, bias, None, activation, 1.0, 1)
+    _bias_act(x, bias, activation)
 
 
 def _act_fwd_strided(activation, dtype, width, rows):
     x, bias = _empty(rows, width + 8, dtype=dtype)[:, :width], _empty(width, dtype=dtype)
-    _triton.bias_act(x, bias, None, activation, 1.0, 1)
+    _bias_act(x, bias, activation)
 
 
 def _act_fwd_offset(activation, dtype, width, rows):
     """x contiguous but one element into its storage: its pointer is not 16-byte aligned."""
     x, bias = _empty(rows * width + 1, dtype=dtype)[1:].view(rows, width), _empty(width, dtype=dtype)
-    _triton.bias_act(x, bias, None, activation, 1.0, 1)
+    _bias_act(x, bias, activation)
 
 
 def _act_bwd(activation, dtype, width, rows, with_bias_grad=False):
-    saved_is_output = ops.saves_output(activation, 1.0)
+    """The backward, with the learned parameters' gradients where the activation has them."""
     grad_y, saved, bias = _empty(rows, width, dtype=dtype), _empty(rows, width, dtype=dtype), _empty(width, dtype=dtype)
-    _triton.bias_act_backward(
-        grad_y, saved, bias, None, activation, 1.0, 1, saved_is_output, with_bias_grad, False
-    )  # fmt: skip
+    _bias_act_backward(grad_y, saved, bias, activation, with_bias_grad)
 
 
 def _conv(activation, dtype, width, rows, backward=False):
@@ -91,10 +115,9 @@ def _conv(activation, dtype, width, rows, backward=False):
     batch = max(1, rows // CONV_CHANNELS)
     x, bias = _empty(batch, CONV_CHANNELS, width, dtype=dtype), _empty(CONV_CHANNELS, dtype=dtype)
     if backward:
-        saved_is_output = ops.saves_output(activation, 1.0)
-        _triton.bias_act_backward(torch.empty_like(x), x, bias, None, activation, 1.0, 1, saved_is_output, True, False)
+        _bias_act_backward(torch.empty_like(x), x, bias, activation, True)
     else:
-        _triton.bias_act(x, bias, None, activation, 1.0, 1)
+        _bias_act(x, bias, activation)
 
 
 def _gated_fwd(activation, dtype, width, rows, packed=False):
@@ -103,11 +126,12 @@ def _gated_fwd(activation, dtype, width, rows, packed=False):
         gate, up = x[:, :width], x[:, width:]
     else:
         gate, up = _empty(rows, width, dtype=dtype), _empty(rows, width, dtype=dtype)
-    _triton.gated(gate, up, None, None, activation, 1.0)
+    _, _, param, param2 = _parameters(activation, dtype)
+    _triton.gated(gate, up, None, None, activation, param, param2, 1.0)
 
 
 def _gated_bwd(activation, dtype, width, rows, packed=False, with_bias=False):
-    saved_is_output = ops.saves_output(activation, 1.0)
+    _, _, param, param2 = _parameters(activation, dtype)
     if packed:
         x, grad_x = _empty(rows, 2 * width, dtype=dtype), _empty(rows, 2 * width, dtype=dtype)
         gate, up, grad_gate, grad_up = x[:, :width], x[:, width:], grad_x[:, :width], grad_x[:, width:]
@@ -116,8 +140,8 @@ def _gated_bwd(activation, dtype, width, rows, packed=False, with_bias=False):
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
     biases = (_empty(width, dtype=dtype), _empty(width, dtype=dtype)) if with_bias else (None, None)
     _triton.gated_backward_into(
-        grad_gate, grad_up, _empty(rows, width, dtype=dtype), gate, up, *biases, activation, 1.0,
-        saved_is_output, with_bias,
+        grad_gate, grad_up, _empty(rows, width, dtype=dtype), gate, up, *biases, activation, param, param2, 1.0,
+        with_bias,
     )  # fmt: skip
 
 

@@ -20,11 +20,25 @@ mish           z * tanh(softplus(z)) = z n / (n + 2),      t + z (1 - t^2) sigmo
                n = exp(z) (exp(z) + 2)                    (1 - t^2) sigmoid(z) = 4 e (1 + e) / (n + 2)^2
 heaviside (v)  1 if z > 0, v if z == 0, else 0 (NaN: 0)    0 (no gradient: a step cannot train)
 heaviside_ste  as heaviside                                1 (straight-through estimator)
+prelu (w)      z if z > 0 else w z  (w learned)            g if z > 0 else w g;  d/dw: g z if z <= 0
+hardtanh       clamp(z, lo, hi)  (relu6: lo = 0, hi = 6)   0 if z <= lo or z >= hi else g (NaN: g)
+hardswish      z clamp(z + 3, 0, 6) / 6                    0 if z <= -3, g (2z + 3) / 6 if z < 3, else g
+hardsigmoid    clamp(z + 3, 0, 6) / 6                      g / 6 if -3 < z < 3 else 0
+softplus (b,   z if b z > th, else log(1 + exp(b z)) / b   g if b z > th, else g sigmoid(b z)
+  th)          = (max(t, 0) + log1p(exp(-|t|))) / b, t = b z
+xielu (ap, an, ap z^2 + beta z if z > 0, else              g (2 ap z + beta) if z > 0, else
+  beta, eps)   an (expm1(m) - z) + beta z, m = min(z, eps)  g (an (m' exp(m) - 1) + beta), m' = dm/dz;
+               (ap, an learned)                            d/dap: g z^2 (z > 0); d/dan: g (expm1(m) - z)
 =============  =========================================  ===============================================
 
-quick_gelu (CLIP) is swish with beta = 1.702 and needs no entry of its own. PReLU is leaky_relu with a
-learned slope per channel: the templates load the slope instead of taking a scalar, and
-``activation_param_backward`` gives the slope's gradient, grad_y * (0 if z > 0 else z).
+quick_gelu (CLIP) is swish with beta = 1.702 and needs no entry of its own, nor relu6 (hardtanh(0, 6)).
+
+Parameters. Every function takes the activation's two float parameters ``param``, ``param2`` (leaky_relu's
+slope, swish's beta, elu/celu's alpha, heaviside's value at 0; hardtanh's lo and hi; softplus's beta and
+threshold; xielu's beta and eps) and two per-element blocks ``weight``, ``weight2``: the learned parameters a
+template loads per channel or shared by all (PReLU's slope w; xielu's ap and an), zeros where an
+activation has none. ``activation_param_backward`` gives the learned parameters' gradients per element,
+which the backward template sums (two accumulators; xielu's two act on disjoint sides of 0).
 
 Accuracy: every bf16/fp16 result within 1 ULP of the exact value, over the whole finite range
 ---------------------------------------------------------------------------------------------------
@@ -56,7 +70,22 @@ formulas avoid all three ways this happens:
    cancel where they are small: the logistic is computed as ``1 / (1 + E)`` with ``E = exp(-x)`` kept
    below 2^118.3 (the tail below x = -82 takes ``exp(x)`` scaled instead; ``_logistic``) and its
    derivative s (1 - s) as ``E / (1 + E)^2``, never forming 1 - s; mish's ``(1 - t^2) sigmoid(z)`` from
-   e alone; tanh's derivative as ``(1 - t)(1 + t)`` (``1 - t`` is exact for t >= 1/2).
+   e alone; tanh's derivative as ``(1 - t)(1 + t)`` (``1 - t`` is exact for t >= 1/2). Where the input is
+   at hand (the gated template keeps gate and up), sigmoid's and tanh's derivatives come from it instead:
+   ``s (1 - s)`` and ``1 - tanh^2(z) = 4 s(2z) (1 - s(2z))`` from ``_logistic``, never from an fp32 output
+   that has rounded to 1 (then 1 - s is 0 while the bf16 derivative is a normal number down to z = -88).
+4. Softplus: ``log1p(exp(t)) = max(t, 0) + log1p(exp(-|t|))`` (no overflow), and Triton has no log1p:
+   ``_log1p`` takes ``log1p(u) = 2 atanh(u / (2 + u))``, whose odd series in s = u / (2 + u) <= 1/3
+   converges to 1e-9 in eight terms, for u in [0, 1] (one division; never ``log(1 + u)``, which loses u's
+   low bits in ``1 + u`` and whose ``lg2.approx`` is only 2^-22 absolute near 1). Below t = -82 the
+   exponential is scaled by 2^64 as in 2., and log1p(u) = u there.
+5. xIELU's negative side ``an (expm1(m) - z) + beta z`` is the difference of two terms of a size where it
+   crosses 0 (z = -2.4 for the default parameters): in fp32 their roundings alone are 1e-7 of each, many
+   fp16 ULPs of the small result. It is summed in fp64 as ``an expm1(m) + (beta - an) z``: every product
+   of two fp32 numbers is exact there, so what is left is exp's own error times ``an exp(m)``, which is
+   small where the sum cancels (0.07 at that root). ``expm1(m)`` is ``(expm1(m) - m) + m`` with
+   ``expm1(m) - m`` from its series below |m| = 0.5 (exact sum in fp64), ``exp(m) - 1`` above. Five fp64
+   operations per element; no fp64 transcendental.
 
 What each formula relies on from the GPU (H100/H200, sm_90; checked with ``python -m bench.ptx_report``):
 ``tl.exp2`` is ``ex2.approx.ftz.f32``, within 2 ULPs (2^-22 relative) for results that are normal
@@ -78,13 +107,15 @@ ULPs); ``_tanh`` its odd series below |z| = 0.5, (1 - e) / (1 + e) with e = exp(
 ``tanh``, without the cancellation of ``1 + tanh(u)`` for negative ``u`` (and Triton has no ``tanh``).
 
 The backward functions take the tensor the activation saves for backward: relu and leaky_relu
-(slope >= 0) work from their output, since ``y > 0`` exactly when ``z > 0``, and so do sigmoid and tanh,
-whose derivatives are written in their output; the others work from their input.
+(slope >= 0) work from their output, since ``y > 0`` exactly when ``z > 0`` (the same formula holds for
+their input), and so do sigmoid and tanh (``SAVED_IS_OUTPUT``), whose derivatives are written in their
+output; the others work from their input.
 
 Semantics at the edges follow PyTorch (NaN in, NaN out; ``relu(-0.0) = -0.0``; relu passes the gradient
-of a NaN), except that where PyTorch's formula turns an infinite or huge finite input into NaN
-(``gelu(-inf)``, ``silu(-inf)``, ``gelu_tanh'(1e20)``) we return the mathematical limit, and that the
-ELU family's gradient at a NaN input is NaN (PyTorch's is NaN or ``g * scale`` depending on the path).
+of a NaN, and so do hardtanh and hardswish, as PyTorch's CUDA kernels), except that where PyTorch's
+formula turns an infinite or huge finite input into NaN (``gelu(-inf)``, ``silu(-inf)``, ``hardswish(-inf)``,
+``xielu(-inf)``, ``gelu_tanh'(1e20)``) we return the mathematical limit, and that the ELU family's gradient
+at a NaN input is NaN (PyTorch's is NaN or ``g * scale`` depending on the path; ``fusedact.differences``).
 """
 
 import triton
@@ -105,6 +136,12 @@ RELU_SQUARED = tl.constexpr(10)
 MISH = tl.constexpr(11)
 HEAVISIDE = tl.constexpr(12)
 HEAVISIDE_STE = tl.constexpr(13)
+PRELU = tl.constexpr(14)
+HARDTANH = tl.constexpr(15)
+HARDSWISH = tl.constexpr(16)
+HARDSIGMOID = tl.constexpr(17)
+SOFTPLUS = tl.constexpr(18)
+XIELU = tl.constexpr(19)
 
 # Host-side table: activation name -> id. (Which tensor each one saves for backward is the host's
 # policy: see ``fusedact.ops.saves_output``.)
@@ -123,7 +160,15 @@ ACTIVATIONS: dict[str, int] = {
     "mish": 11,
     "heaviside": 12,
     "heaviside_ste": 13,
+    "prelu": 14,
+    "hardtanh": 15,
+    "hardswish": 16,
+    "hardsigmoid": 17,
+    "softplus": 18,
+    "xielu": 19,
 }
+# The activations with learned parameters (``weight``, ``weight2``) and how many each has.
+LEARNED_PARAMETERS: dict[str, int] = {"prelu": 1, "xielu": 2}
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = 2^(x log2(e))
 _HALF_LOG2E = tl.constexpr(0.7213475204444817)  # exp(-z^2 / 2) = 2^(-z^2 * _HALF_LOG2E)
@@ -180,13 +225,17 @@ _ERFCX_P6 = tl.constexpr(0.008623635396361351)
 _ERFCX_P7 = tl.constexpr(0.001312265289016068)
 _ERFCX_P8 = tl.constexpr(-0.0012203205842524767)
 _ERFCX_P9 = tl.constexpr(-0.00039490338531322777)
+_SIXTH = tl.constexpr(1.0 / 6)
+# expm1(z) - z = z^2 (1/2 + z/6 + ... + z^7/9!): the series to |z| < 0.5 (truncated: 2e-9 relative).
+_EXPM1_SERIES_LIMIT = tl.constexpr(0.5)
 
 
 @triton.jit
 def _times_gate(z, p):
-    """``z * p`` for a gate ``p`` in [0, 1] that is 0 at z = -inf (and 1 at +inf): -inf is taken as -FLT_MAX,
-    so the product is -0.0 there, never ``-inf * 0 = NaN``. (A NaN z has a NaN gate: NaN either way.)"""
-    return tl.maximum(z, -_FLOAT32_MAX) * p
+    """``z * p`` for a gate ``p`` in [0, 1] that is 0 at one infinity and 1 at the other (swish with a
+    negative beta swaps them): where p = 0 an infinite z is taken as +-FLT_MAX, so the product is a zero
+    signed like z, never ``inf * 0 = NaN``; elsewhere +-inf stays +-inf. (A NaN z has a NaN gate.)"""
+    return tl.where(p == 0.0, _clamp(z, -_FLOAT32_MAX, _FLOAT32_MAX), z) * p
 
 
 @triton.jit
@@ -339,13 +388,76 @@ def _mish_parts(z):
 
 
 @triton.jit
-def activation_forward(z, ACTIVATION: tl.constexpr, param):
-    """f(z) in fp32. ``param``: leaky_relu's slope, swish's beta, elu/celu's alpha, heaviside's value at 0."""
+def _log1p(u):
+    """log(1 + u) for u in [0, 1] (NaN gives NaN): 2 atanh(s) = 2 (s + s^3/3 + ... + s^15/15), s = u / (2 + u)
+    <= 1/3, truncated at 1e-9 relative; exactly u for u below 2^-54 (a scaled tail, module docstring)."""
+    s = u / (2.0 + u)
+    s2 = s * s
+    series = 1.0 / 15
+    series = series * s2 + 1.0 / 13
+    series = series * s2 + 1.0 / 11
+    series = series * s2 + 1.0 / 9
+    series = series * s2 + 1.0 / 7
+    series = series * s2 + 1.0 / 5
+    series = series * s2 + 1.0 / 3
+    return (2.0 * s) * (1.0 + s2 * series)
+
+
+@triton.jit
+def _softplus_parts(z, beta, threshold):
+    """``(t, log1p(exp(t)) / beta, tail)`` with t = beta z: ``max(t, 0) + log1p(exp(-|t|))``, the exponential
+    (and so the value) scaled by 2^64 where ``tail`` (t < -82)."""
+    t = beta * z
+    u = -tl.abs(t) * _LOG2E
+    tail = (t < 0.0) & (u < _TAIL_EXPONENT)  # (for t > 0 the tiny exp(-t) is negligible beside t: no scaling)
+    e = _exp2_scaled(u, tail)
+    positive = tl.where(t > 0.0, t, 0.0)  # (NaN: 0, and log1p's NaN follows)
+    return t, (positive + _log1p(e)) * (1.0 / beta), tail
+
+
+@triton.jit
+def _expm1_minus_identity(z):
+    """expm1(z) - z without the cancellation near 0: z^2 (1/2 + z/6 + ... + z^7/9!) below |z| = 0.5, else
+    exp(z) - 1 - z (at least 0.1 in magnitude there). Also returns exp(z) (for the derivative)."""
+    series = 1.0 / 362880
+    series = series * z + 1.0 / 40320
+    series = series * z + 1.0 / 5040
+    series = series * z + 1.0 / 720
+    series = series * z + 1.0 / 120
+    series = series * z + 1.0 / 24
+    series = series * z + 1.0 / 6
+    series = series * z + 0.5
+    exponential = tl.exp(z)
+    direct = (exponential - 1.0) - z
+    return tl.where(tl.abs(z) < _EXPM1_SERIES_LIMIT, (z * z) * series, direct), exponential
+
+
+@triton.jit
+def _xielu_negative(z, alpha_n, beta, eps):
+    """``(f(z) for z <= 0 in fp64, expm1(m) in fp64, exp(m), m)``, m = min(z, eps) (NaN stays NaN):
+    f = alpha_n expm1(m) + (beta - alpha_n) z summed in fp64 (module docstring, 5.)."""
+    m = tl.where(z > eps, eps, z)
+    e_minus_m, exponential = _expm1_minus_identity(m)
+    m64 = m.to(tl.float64)
+    expm1 = tl.where(tl.abs(m) < _EXPM1_SERIES_LIMIT, e_minus_m.to(tl.float64) + m64, exponential.to(tl.float64) - 1.0)
+    alpha64 = alpha_n.to(tl.float64)
+    slope = beta - alpha64  # exact: two fp32 numbers (beta promoted: fp32 on the GPU, as the host rounded it)
+    linear = slope * z.to(tl.float64)
+    linear = tl.where(slope == 0.0, 0.0, linear)  # (at z = -inf: 0 * inf; the limit is -alpha_n then)
+    return alpha64 * expm1 + linear, expm1, exponential, m
+
+
+@triton.jit
+def activation_forward(z, ACTIVATION: tl.constexpr, param, param2, weight, weight2):
+    """f(z) in fp32. ``param``/``param2``: the activation's float parameters, ``weight``/``weight2`` its learned
+    ones per element (module docstring, "Parameters")."""
     if ACTIVATION == RELU:
         # `z < 0` is False for NaN and -0.0, which pass through as PyTorch's clamp_min does.
         y = tl.where(z < 0.0, 0.0, z)
     elif ACTIVATION == LEAKY_RELU:
         y = tl.where(z > 0.0, z, z * param)
+    elif ACTIVATION == PRELU:
+        y = tl.where(z > 0.0, z, z * weight)
     elif ACTIVATION == GELU:
         cdf, _, tail = _gelu_parts(z)
         y = _unscale(_times_gate(z, cdf), tail)
@@ -373,19 +485,37 @@ def activation_forward(z, ACTIVATION: tl.constexpr, param):
     elif ACTIVATION == MISH:
         t, _, tail = _mish_parts(z)
         y = _unscale(_times_gate(z, t), tail)
+    elif ACTIVATION == HARDTANH:  # selects: NaN and -0.0 pass through, as PyTorch's clamp
+        y = tl.where(z < param, param, tl.where(z > param2, param2, z))
+    elif ACTIVATION == HARDSWISH:  # -inf * 0 is -0.0 here (the limit), NaN in PyTorch
+        y = _times_gate(z, _clamp(z + 3.0, 0.0, 6.0) * _SIXTH)
+    elif ACTIVATION == HARDSIGMOID:
+        y = _clamp(z + 3.0, 0.0, 6.0) * _SIXTH
+    elif ACTIVATION == SOFTPLUS:  # param: beta, param2: threshold
+        t, value, tail = _softplus_parts(z, param, param2)
+        y = tl.where(t > param2, z, _unscale(value, tail))
+    elif ACTIVATION == XIELU:  # weight: alpha_p, weight2: alpha_n, param: beta, param2: eps
+        negative, _, _, _ = _xielu_negative(z, weight2, param, param2)
+        y = tl.where(z > 0.0, z * (weight * z + param), negative.to(tl.float32))
     else:  # HEAVISIDE, HEAVISIDE_STE: param is the value at 0; NaN gives 0, as torch.heaviside
         y = tl.where(z == 0.0, param, tl.where(z > 0.0, 1.0, 0.0))
     return y
 
 
 @triton.jit
-def activation_backward(grad, saved, ACTIVATION: tl.constexpr, param):
-    """grad * f'(z) in fp32, from ``saved``: the output for relu/leaky_relu(slope >= 0), else the input."""
+def activation_backward(
+    grad, saved, ACTIVATION: tl.constexpr, param, param2, weight, weight2, SAVED_IS_OUTPUT: tl.constexpr
+):
+    """grad * f'(z) in fp32, from ``saved``: the output where ``SAVED_IS_OUTPUT`` (relu, leaky_relu with
+    slope >= 0, sigmoid, tanh: what bias_act keeps), else the input (relu's and leaky_relu's formula is the
+    same for both)."""
     if ACTIVATION == RELU:
         # A select, not a product: a zero derivative gives 0 even for an infinite or NaN gradient.
         grad_z = tl.where(saved <= 0.0, 0.0, grad)
     elif ACTIVATION == LEAKY_RELU:
         grad_z = tl.where(saved > 0.0, grad, grad * param)
+    elif ACTIVATION == PRELU:
+        grad_z = tl.where(saved > 0.0, grad, grad * weight)
     elif ACTIVATION == GELU:
         cdf, pdf, tail = _gelu_parts(saved)
         zc = _clamp(saved, -_GELU_CLAMP, _GELU_CLAMP)  # no inf * 0 at +-inf
@@ -399,10 +529,18 @@ def activation_backward(grad, saved, ACTIVATION: tl.constexpr, param):
         p, slope, tail = _logistic(x)
         xc = _clamp(x, -_LOGISTIC_CLAMP, _LOGISTIC_CLAMP)
         grad_z = _grad_times(grad, p + xc * slope, tail)
-    elif ACTIVATION == SIGMOID:  # saved is the output
-        grad_z = grad * saved * (1.0 - saved)
-    elif ACTIVATION == TANH:  # saved is the output; 1 - t^2 as (1 - t)(1 + t): no cancellation near |t| = 1
-        grad_z = grad * ((1.0 - saved) * (1.0 + saved))
+    elif ACTIVATION == SIGMOID:
+        if SAVED_IS_OUTPUT:
+            grad_z = grad * saved * (1.0 - saved)
+        else:  # s (1 - s) from the input: never 0 where s rounds to 1
+            _, slope, tail = _logistic(saved)
+            grad_z = _grad_times(grad, slope, tail)
+    elif ACTIVATION == TANH:
+        if SAVED_IS_OUTPUT:  # 1 - t^2 as (1 - t)(1 + t): no cancellation near |t| = 1
+            grad_z = grad * ((1.0 - saved) * (1.0 + saved))
+        else:  # 1 - tanh^2(z) = 4 s(2z) (1 - s(2z)), from the input
+            _, slope, tail = _logistic(2.0 * saved)
+            grad_z = _grad_times(grad, 4.0 * slope, tail)
     elif ACTIVATION == ELU:
         grad_z = _elu_backward(grad, saved, param, 1.0, 1.0)
     elif ACTIVATION == SELU:
@@ -414,7 +552,28 @@ def activation_backward(grad, saved, ACTIVATION: tl.constexpr, param):
     elif ACTIVATION == MISH:
         t, slope, tail = _mish_parts(saved)
         zc = _clamp(saved, _MISH_LOW_CLAMP, _MISH_CLAMP)  # no inf * 0 at +-inf
-        grad_z = _grad_times(grad, t + zc * slope, tail)
+        # Past the clamp mish' is 1 - O(z exp(-2z)): 1 in fp32 and fp64, where t = n / (n + 2) may round low.
+        grad_z = tl.where(saved > _MISH_CLAMP, grad, _grad_times(grad, t + zc * slope, tail))
+    elif ACTIVATION == HARDTANH:  # as PyTorch's CUDA kernel: a NaN input passes the gradient
+        grad_z = tl.where((saved <= param) | (saved >= param2), 0.0, grad)
+    elif ACTIVATION == HARDSWISH:  # (2z + 3) / 6: 2z + 3 is exact near its zero, z = -1.5; NaN passes grad
+        grad_z = tl.where(saved <= -3.0, 0.0, tl.where(saved < 3.0, grad * ((2.0 * saved + 3.0) * _SIXTH), grad))
+    elif ACTIVATION == HARDSIGMOID:
+        grad_z = tl.where((saved > -3.0) & (saved < 3.0), grad * _SIXTH, 0.0)
+    elif ACTIVATION == SOFTPLUS:  # f' = sigmoid(beta z)
+        t = param * saved
+        p, _, tail = _logistic(t)
+        grad_z = tl.where(t > param2, grad, _grad_times(grad, p, tail))
+    elif ACTIVATION == XIELU:
+        _, expm1, exponential, m = _xielu_negative(saved, weight2, param, param2)
+        alpha_n = weight2.to(tl.float64)
+        beta = param
+        # d/dz of alpha_n expm1(min(z, eps)) + (beta - alpha_n) z: min's derivative is 1, 1/2 at z = eps
+        # (PyTorch's minimum splits a tie), 0 above; fp64 as the forward (its zero at z = -0.98 cancels too).
+        below = alpha_n * expm1 + beta
+        tie = alpha_n * (0.5 * exponential.to(tl.float64) - 1.0) + beta
+        negative = tl.where(saved > param2, beta - alpha_n, tl.where(saved == param2, tie, below))
+        grad_z = grad * tl.where(saved > 0.0, 2.0 * weight * saved + param, negative.to(tl.float32))
     elif ACTIVATION == HEAVISIDE:
         grad_z = tl.zeros_like(grad)
     else:  # HEAVISIDE_STE: the gradient passes straight through the step
@@ -423,8 +582,19 @@ def activation_backward(grad, saved, ACTIVATION: tl.constexpr, param):
 
 
 @triton.jit
-def activation_param_backward(grad, z, ACTIVATION: tl.constexpr):
-    """grad * df/dparam at the input ``z``, for activations with a learned parameter: leaky_relu's slope
-    (PReLU), d/dslope (slope * z) = z on the negative side. A NaN input gives NaN, as PyTorch's prelu."""
-    tl.static_assert(ACTIVATION == LEAKY_RELU, "only leaky_relu (PReLU) has a learned parameter")
-    return tl.where(z > 0.0, 0.0, grad * z)
+def activation_param_backward(grad, z, ACTIVATION: tl.constexpr, param, param2, weight, weight2):
+    """``(grad * df/dweight, grad * df/dweight2)`` at the input ``z``, for the activations with learned
+    parameters: PReLU's slope (d/dw (w z) = z on the negative side), xielu's alpha_p (z^2 on the positive
+    side) and alpha_n (expm1(min(z, eps)) - z on the other). A NaN input gives NaN, as PyTorch's."""
+    tl.static_assert(ACTIVATION == PRELU or ACTIVATION == XIELU, "only prelu and xielu have learned parameters")
+    if ACTIVATION == PRELU:
+        first = tl.where(z > 0.0, 0.0, grad * z)
+        second = tl.zeros_like(first)
+    else:
+        m = tl.where(z > param2, param2, z)
+        e_minus_m, _ = _expm1_minus_identity(m)
+        # (m - z is eps - z above eps and 0 below it, never -inf - -inf)
+        contribution = grad * tl.where(z > 0.0, z * z, e_minus_m + tl.where(z > param2, param2 - z, 0.0))
+        first = tl.where(z > 0.0, contribution, 0.0)
+        second = tl.where(z > 0.0, 0.0, contribution)
+    return first, second

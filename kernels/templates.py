@@ -16,9 +16,12 @@ of addressing it, chosen by the host per call (``FLAT``):
   ``n // VECTOR * VECTOR`` tells the compiler so, and the accesses are ``VECTOR`` elements wide. (Triton
   itself only marks integers divisible by 16: at 760 columns it would fall back to 2-byte accesses.)
 
-The single-input template also takes its bias (and a per-channel activation parameter, PReLU's slope)
-along the rows instead of the columns: a contiguous NCHW tensor is the matrix ``[N * C, H * W]`` whose
-row ``r`` belongs to channel ``r % C``, so a bias on conv channels is read in place too.
+The single-input template also takes its bias (and the activation's learned parameters, per channel or
+one shared by all: PReLU's slope, xIELU's alpha_p and alpha_n) along the rows instead of the columns: a
+contiguous NCHW tensor is the matrix ``[N * C, H * W]`` whose row ``r`` belongs to channel ``r % C``, so a
+bias on conv channels is read in place too. Every kernel takes the activation's two float parameters
+(``param``, ``param2``); the gated one also a scale on the gate (``act(s (gate + gate_bias))``, Falcon-H1's
+``gate_multiplier``) under ``SCALED_GATE``.
 
 Forward reads each input once and writes ``y`` once. Backward reads ``grad_y`` and the saved tensor(s)
 and writes the input gradient(s); optionally (``output_ptr``) it also writes the forward output again,
@@ -27,7 +30,8 @@ gradient, backward addresses rows: a program owns a fixed group of rows of one c
 gradient tile into an fp32 accumulator tile at every step and reduces that over the rows once, at the
 end, into one row of a ``[row_groups, N]`` partial-sum buffer that the host reduces in a fixed order: two
 backward passes are bitwise identical, with no atomics, and there is one cross-warp reduction per program,
-not one per step.
+not one per step. The learned parameters' gradients (one or two) are accumulated the same way, each in a
+tile of its own.
 
 Every result is computed in fp32 and rounded once, to nearest even, on store (``round_to``).
 Program ids are int64 before any address arithmetic: tensors may exceed 2^31 elements.
@@ -130,40 +134,38 @@ def _load_channel(ptr, channels, mask, stride, HAS: tl.constexpr):
 
 
 @triton.jit
-def _bias_act_forward(
-    z, bias, slope, param, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr
-):
+def _bias_act_forward(z, bias, weight, weight2, param, param2, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         z += bias
-    if HAS_WEIGHT:
-        y = activation_forward(z, ACTIVATION, slope)
-    else:
-        y = activation_forward(z, ACTIVATION, param)
-    return y
+    return activation_forward(z, ACTIVATION, param, param2, weight, weight2)
 
 
 @triton.heuristics(
     {
         "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
         "HAS_WEIGHT": lambda args: args["weight_ptr"] is not None,
+        "HAS_WEIGHT2": lambda args: args["weight2_ptr"] is not None,
     }
 )
 @triton.jit
 def bias_act_fwd_kernel(
     x_ptr,  # input, [M, N], any strides (contiguous when FLAT)
     bias_ptr,  # bias, one per channel, contiguous, or None
-    weight_ptr,  # the activation's parameter per channel (PReLU's slope), contiguous, or None to use `param`
+    weight_ptr,  # the activation's learned parameter (PReLU's slope, xIELU's alpha_p), contiguous, or None
+    weight2_ptr,  # its second one (xIELU's alpha_n), laid out as weight, or None
     y_ptr,  # output, [M, N] contiguous
     num_rows,  # M
     num_cols,  # N
     stride_x_row,
     stride_x_col,
     num_channels,  # length of bias (and weight) when CHANNELS_ALONG_ROWS
-    stride_weight,  # 1, or 0 for one parameter shared by every channel
-    param,  # activation parameter (leaky slope, swish beta, elu alpha) when there is no weight
+    stride_weight,  # 1, or 0 for parameters shared by every channel (weight and weight2 alike)
+    param,  # the activation's float parameters (leaky slope, swish beta, hardtanh's min and max, ...)
+    param2,
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    HAS_WEIGHT2: tl.constexpr,
     CHANNELS_ALONG_ROWS: tl.constexpr,  # bias[row % num_channels] instead of bias[col]
     FLAT: tl.constexpr,  # x is contiguous: address the M * N elements as one run
     VECTOR: tl.constexpr,  # (rows) num_cols and stride_x_row are multiples of it
@@ -178,15 +180,16 @@ def bias_act_fwd_kernel(
         num_elements = num_rows.to(tl.int64) * num_cols
         channels = _flat_channels(start, num_cols, num_channels, CHANNELS_ALONG_ROWS, BLOCK)
         bias = _load_channel(bias_ptr, channels, None, 1, HAS_BIAS)
-        slope = _load_channel(weight_ptr, channels, None, stride_weight, HAS_WEIGHT)
+        weight = _load_channel(weight_ptr, channels, None, stride_weight, HAS_WEIGHT)
+        weight2 = _load_channel(weight2_ptr, channels, None, stride_weight, HAS_WEIGHT2)
         if start + BLOCK <= num_elements:  # a full block: no mask, so the accesses stay vectorised
             z = to_fp32(tl.load(x_ptr + offsets))
-            y = _bias_act_forward(z, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT)
+            y = _bias_act_forward(z, bias, weight, weight2, param, param2, ACTIVATION, HAS_BIAS)
             tl.store(y_ptr + offsets, round_to(y, y_ptr.dtype.element_ty))
         else:
             mask = offsets < num_elements
             z = to_fp32(tl.load(x_ptr + offsets, mask=mask))
-            y = _bias_act_forward(z, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT)
+            y = _bias_act_forward(z, bias, weight, weight2, param, param2, ACTIVATION, HAS_BIAS)
             tl.store(y_ptr + offsets, round_to(y, y_ptr.dtype.element_ty), mask=mask)
     else:
         num_cols = num_cols // VECTOR * VECTOR
@@ -198,12 +201,17 @@ def bias_act_fwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         z = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=mask)
         if CHANNELS_ALONG_ROWS:
-            bias = _load_channel(bias_ptr, rows % num_channels, row_mask, 1, HAS_BIAS)[:, None]
-            slope = _load_channel(weight_ptr, rows % num_channels, row_mask, stride_weight, HAS_WEIGHT)[:, None]
+            channels, channel_mask = rows % num_channels, row_mask
         else:
-            bias = _load_channel(bias_ptr, cols, col_mask, 1, HAS_BIAS)[None, :]
-            slope = _load_channel(weight_ptr, cols, col_mask, stride_weight, HAS_WEIGHT)[None, :]
-        y = _bias_act_forward(to_fp32(z), bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT)
+            channels, channel_mask = cols, col_mask
+        bias = _load_channel(bias_ptr, channels, channel_mask, 1, HAS_BIAS)
+        weight = _load_channel(weight_ptr, channels, channel_mask, stride_weight, HAS_WEIGHT)
+        weight2 = _load_channel(weight2_ptr, channels, channel_mask, stride_weight, HAS_WEIGHT2)
+        if CHANNELS_ALONG_ROWS:
+            bias, weight, weight2 = bias[:, None], weight[:, None], weight2[:, None]
+        else:
+            bias, weight, weight2 = bias[None, :], weight[None, :], weight2[None, :]
+        y = _bias_act_forward(to_fp32(z), bias, weight, weight2, param, param2, ACTIVATION, HAS_BIAS)
         tl.store(y_ptr + rows[:, None] * num_cols + cols[None, :], round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -212,36 +220,26 @@ def _bias_act_backward(
     grad_y,
     saved,
     bias,
-    slope,
+    weight,
+    weight2,
     param,
+    param2,
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
     SAVED_IS_OUTPUT: tl.constexpr,
 ):
     """(grad_z, z or the saved output) in fp32 for one block."""
     if HAS_BIAS and not SAVED_IS_OUTPUT:  # the saved input needs its bias
         saved += bias
-    if HAS_WEIGHT:
-        grad_z = activation_backward(grad_y, saved, ACTIVATION, slope)
-    else:
-        grad_z = activation_backward(grad_y, saved, ACTIVATION, param)
+    grad_z = activation_backward(grad_y, saved, ACTIVATION, param, param2, weight, weight2, SAVED_IS_OUTPUT)
     return grad_z, saved
-
-
-@triton.jit
-def _recomputed_output(z, slope, param, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    if HAS_WEIGHT:
-        y = activation_forward(z, ACTIVATION, slope)
-    else:
-        y = activation_forward(z, ACTIVATION, param)
-    return y
 
 
 @triton.heuristics(
     {
         "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
         "HAS_WEIGHT": lambda args: args["weight_ptr"] is not None,
+        "HAS_WEIGHT2": lambda args: args["weight2_ptr"] is not None,
         "HAS_OUTPUT": lambda args: args["output_ptr"] is not None,
     }
 )
@@ -250,13 +248,15 @@ def bias_act_bwd_kernel(
     grad_y_ptr,  # gradient of the output, [M, N], any strides (contiguous when FLAT)
     saved_ptr,  # what forward saved (input before bias, or output), [M, N], any strides (contiguous when FLAT)
     bias_ptr,  # bias, one per channel, contiguous, or None
-    weight_ptr,  # the activation's parameter per channel, contiguous, or None
+    weight_ptr,  # the activation's learned parameter per channel (or shared), contiguous, or None
+    weight2_ptr,  # its second one, laid out as weight, or None
     grad_x_ptr,  # gradient of the input, [M, N] contiguous
     output_ptr,  # the forward output recomputed, [M, N] contiguous, or None (needs the saved input)
     # fp32 partial sums of the bias and weight gradients (unused unless asked for): [row_groups, N] for
     # channels along the columns; [column_groups, M], one sum per row, for channels along the rows
     partial_grad_bias_ptr,
     partial_grad_weight_ptr,
+    partial_grad_weight2_ptr,
     num_rows,  # M
     num_cols,  # N
     stride_grad_y_row,
@@ -267,14 +267,16 @@ def bias_act_bwd_kernel(
     stride_weight,
     tiles_per_program,  # (rows) tiles down the rows (bias per column) or along them (bias per row)
     param,
+    param2,
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    HAS_WEIGHT2: tl.constexpr,
     HAS_OUTPUT: tl.constexpr,
     CHANNELS_ALONG_ROWS: tl.constexpr,
     SAVED_IS_OUTPUT: tl.constexpr,
     COMPUTE_GRAD_BIAS: tl.constexpr,
-    COMPUTE_GRAD_WEIGHT: tl.constexpr,
+    COMPUTE_GRAD_WEIGHT: tl.constexpr,  # the gradients of weight (and of weight2, where there is one)
     FLAT: tl.constexpr,  # grad_y and saved contiguous and no parameter gradient: one run of M * N
     VECTOR: tl.constexpr,  # (rows) num_cols and both row strides are multiples of it
     BLOCK_M: tl.constexpr,
@@ -290,27 +292,28 @@ def bias_act_bwd_kernel(
         num_elements = num_rows.to(tl.int64) * num_cols
         channels = _flat_channels(start, num_cols, num_channels, CHANNELS_ALONG_ROWS, BLOCK)
         bias = _load_channel(bias_ptr, channels, None, 1, HAS_BIAS and not SAVED_IS_OUTPUT)
-        slope = _load_channel(weight_ptr, channels, None, stride_weight, HAS_WEIGHT)
+        weight = _load_channel(weight_ptr, channels, None, stride_weight, HAS_WEIGHT)
+        weight2 = _load_channel(weight2_ptr, channels, None, stride_weight, HAS_WEIGHT2)
         if start + BLOCK <= num_elements:  # a full block: no mask, so the accesses stay vectorised
             grad_y = to_fp32(tl.load(grad_y_ptr + offsets))
             saved = to_fp32(tl.load(saved_ptr + offsets))
             grad_x, z = _bias_act_backward(
-                grad_y, saved, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT, SAVED_IS_OUTPUT
+                grad_y, saved, bias, weight, weight2, param, param2, ACTIVATION, HAS_BIAS, SAVED_IS_OUTPUT
             )
             tl.store(grad_x_ptr + offsets, round_to(grad_x, dtype))
             if HAS_OUTPUT:
-                y = _recomputed_output(z, slope, param, ACTIVATION, HAS_WEIGHT)
+                y = activation_forward(z, ACTIVATION, param, param2, weight, weight2)
                 tl.store(output_ptr + offsets, round_to(y, dtype))
         else:
             mask = offsets < num_elements
             grad_y = to_fp32(tl.load(grad_y_ptr + offsets, mask=mask))
             saved = to_fp32(tl.load(saved_ptr + offsets, mask=mask))
             grad_x, z = _bias_act_backward(
-                grad_y, saved, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT, SAVED_IS_OUTPUT
+                grad_y, saved, bias, weight, weight2, param, param2, ACTIVATION, HAS_BIAS, SAVED_IS_OUTPUT
             )
             tl.store(grad_x_ptr + offsets, round_to(grad_x, dtype), mask=mask)
             if HAS_OUTPUT:
-                y = _recomputed_output(z, slope, param, ACTIVATION, HAS_WEIGHT)
+                y = activation_forward(z, ACTIVATION, param, param2, weight, weight2)
                 tl.store(output_ptr + offsets, round_to(y, dtype), mask=mask)
     else:
         num_cols = num_cols // VECTOR * VECTOR
@@ -318,7 +321,7 @@ def bias_act_bwd_kernel(
         stride_saved_row = stride_saved_row // VECTOR * VECTOR
         # A program owns `tiles_per_program` tiles in a line along the dimension its channels are summed
         # over (down the rows for a bias per column, along the row for a bias per row), so its bias and
-        # slope are one vector, loaded once, and its parameter gradients one tile, reduced once at the end.
+        # weights are vectors, loaded once, and its parameter gradients tiles, reduced once at the end.
         if CHANNELS_ALONG_ROWS:
             num_col_groups = tl.cdiv(tl.cdiv(num_cols, BLOCK_N), tiles_per_program)
             group, line = pid % num_col_groups, pid // num_col_groups
@@ -326,20 +329,25 @@ def bias_act_bwd_kernel(
             first_cols = group * tiles_per_program * BLOCK_N + tl.arange(0, BLOCK_N)
             line_mask = first_rows < num_rows
             channels = first_rows % num_channels
-            bias = _load_channel(bias_ptr, channels, line_mask, 1, HAS_BIAS and not SAVED_IS_OUTPUT)[:, None]
-            slope = _load_channel(weight_ptr, channels, line_mask, stride_weight, HAS_WEIGHT)[:, None]
             ROW_STEP: tl.constexpr = 0
             COL_STEP: tl.constexpr = BLOCK_N
         else:
             group, line, first_cols = _tile(pid, num_cols, BLOCK_N)
             first_rows = group * tiles_per_program * BLOCK_M + tl.arange(0, BLOCK_M)
             line_mask = first_cols < num_cols
-            bias = _load_channel(bias_ptr, first_cols, line_mask, 1, HAS_BIAS and not SAVED_IS_OUTPUT)[None, :]
-            slope = _load_channel(weight_ptr, first_cols, line_mask, stride_weight, HAS_WEIGHT)[None, :]
+            channels = first_cols
             ROW_STEP: tl.constexpr = BLOCK_M
             COL_STEP: tl.constexpr = 0
+        bias = _load_channel(bias_ptr, channels, line_mask, 1, HAS_BIAS and not SAVED_IS_OUTPUT)
+        weight = _load_channel(weight_ptr, channels, line_mask, stride_weight, HAS_WEIGHT)
+        weight2 = _load_channel(weight2_ptr, channels, line_mask, stride_weight, HAS_WEIGHT2)
+        if CHANNELS_ALONG_ROWS:
+            bias, weight, weight2 = bias[:, None], weight[:, None], weight2[:, None]
+        else:
+            bias, weight, weight2 = bias[None, :], weight[None, :], weight2[None, :]
         grad_bias_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         grad_weight_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        grad_weight2_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for tile in range(0, tiles_per_program):
             rows = first_rows + tile * ROW_STEP
             cols = first_cols + tile * COL_STEP
@@ -351,17 +359,22 @@ def bias_act_bwd_kernel(
                 tl.load(saved_ptr + rows[:, None] * stride_saved_row + cols[None, :] * stride_saved_col, mask=mask)
             )
             grad_x, z = _bias_act_backward(
-                grad_y, saved, bias, slope, param, ACTIVATION, HAS_BIAS, HAS_WEIGHT, SAVED_IS_OUTPUT
+                grad_y, saved, bias, weight, weight2, param, param2, ACTIVATION, HAS_BIAS, SAVED_IS_OUTPUT
             )
             out_offsets = rows[:, None] * num_cols + cols[None, :]
             tl.store(grad_x_ptr + out_offsets, round_to(grad_x, dtype), mask=mask)
             if HAS_OUTPUT:
-                y = _recomputed_output(z, slope, param, ACTIVATION, HAS_WEIGHT)
+                y = activation_forward(z, ACTIVATION, param, param2, weight, weight2)
                 tl.store(output_ptr + out_offsets, round_to(y, dtype), mask=mask)
             if COMPUTE_GRAD_BIAS:
                 grad_bias_tile += tl.where(mask, grad_x, 0.0)
             if COMPUTE_GRAD_WEIGHT:
-                grad_weight_tile += tl.where(mask, activation_param_backward(grad_y, z, ACTIVATION), 0.0)
+                grad_weight, grad_weight2 = activation_param_backward(
+                    grad_y, z, ACTIVATION, param, param2, weight, weight2
+                )
+                grad_weight_tile += tl.where(mask, grad_weight, 0.0)
+                if HAS_WEIGHT2:
+                    grad_weight2_tile += tl.where(mask, grad_weight2, 0.0)
         # One partial sum per channel line and group: [groups, N] by columns, [column groups, M] by rows.
         if CHANNELS_ALONG_ROWS:
             partial_offsets = group * num_rows + first_rows
@@ -369,12 +382,37 @@ def bias_act_bwd_kernel(
                 tl.store(partial_grad_bias_ptr + partial_offsets, tl.sum(grad_bias_tile, axis=1), mask=line_mask)
             if COMPUTE_GRAD_WEIGHT:
                 tl.store(partial_grad_weight_ptr + partial_offsets, tl.sum(grad_weight_tile, axis=1), mask=line_mask)
+            if COMPUTE_GRAD_WEIGHT and HAS_WEIGHT2:
+                tl.store(partial_grad_weight2_ptr + partial_offsets, tl.sum(grad_weight2_tile, axis=1), mask=line_mask)
         else:
             partial_offsets = group * num_cols + first_cols
             if COMPUTE_GRAD_BIAS:
                 tl.store(partial_grad_bias_ptr + partial_offsets, tl.sum(grad_bias_tile, axis=0), mask=line_mask)
             if COMPUTE_GRAD_WEIGHT:
                 tl.store(partial_grad_weight_ptr + partial_offsets, tl.sum(grad_weight_tile, axis=0), mask=line_mask)
+            if COMPUTE_GRAD_WEIGHT and HAS_WEIGHT2:
+                tl.store(partial_grad_weight2_ptr + partial_offsets, tl.sum(grad_weight2_tile, axis=0), mask=line_mask)
+
+
+@triton.jit
+def _gate_and_up(
+    gate,
+    up,
+    gate_bias,
+    up_bias,
+    gate_scale,
+    HAS_GATE_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    SCALED_GATE: tl.constexpr,
+):
+    """The activation's input s (gate + gate_bias) and up + up_bias, in fp32."""
+    if HAS_GATE_BIAS:
+        gate += gate_bias
+    if SCALED_GATE:
+        gate *= gate_scale
+    if HAS_UP_BIAS:
+        up += up_bias
+    return gate, up
 
 
 @triton.jit
@@ -384,15 +422,15 @@ def _gated_forward(
     gate_bias,
     up_bias,
     param,
+    param2,
+    gate_scale,
     ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
+    SCALED_GATE: tl.constexpr,
 ):
-    if HAS_GATE_BIAS:
-        gate += gate_bias
-    if HAS_UP_BIAS:
-        up += up_bias
-    return activation_forward(gate, ACTIVATION, param) * up
+    gate, up = _gate_and_up(gate, up, gate_bias, up_bias, gate_scale, HAS_GATE_BIAS, HAS_UP_BIAS, SCALED_GATE)
+    return activation_forward(gate, ACTIVATION, param, param2, 0.0, 0.0) * up
 
 
 @triton.heuristics(
@@ -407,7 +445,7 @@ def gated_fwd_kernel(
     up_ptr,  # up input, [M, N], any strides (may be the second half of a packed [M, 2N])
     gate_bias_ptr,  # [N] contiguous, or None
     up_bias_ptr,  # [N] contiguous, or None
-    y_ptr,  # output act(gate + gate_bias) * (up + up_bias), [M, N] contiguous
+    y_ptr,  # output act(s (gate + gate_bias)) * (up + up_bias), [M, N] contiguous
     num_rows,  # M
     num_cols,  # N
     stride_gate_row,
@@ -415,9 +453,12 @@ def gated_fwd_kernel(
     stride_up_row,
     stride_up_col,
     param,
+    param2,
+    gate_scale,  # s (used where SCALED_GATE)
     ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
+    SCALED_GATE: tl.constexpr,  # s != 1
     FLAT: tl.constexpr,  # gate and up are each contiguous
     VECTOR: tl.constexpr,  # (rows) num_cols and both row strides are multiples of it
     BLOCK_M: tl.constexpr,
@@ -436,13 +477,19 @@ def gated_fwd_kernel(
         if start + BLOCK <= num_elements:  # a full block: no mask, so the accesses stay vectorised
             gate = to_fp32(tl.load(gate_ptr + offsets))
             up = to_fp32(tl.load(up_ptr + offsets))
-            y = _gated_forward(gate, up, gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+            y = _gated_forward(
+                gate, up, gate_bias, up_bias, param, param2, gate_scale,
+                ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SCALED_GATE,
+            )  # fmt: skip
             tl.store(y_ptr + offsets, round_to(y, dtype))
         else:
             mask = offsets < num_elements
             gate = to_fp32(tl.load(gate_ptr + offsets, mask=mask))
             up = to_fp32(tl.load(up_ptr + offsets, mask=mask))
-            y = _gated_forward(gate, up, gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS)
+            y = _gated_forward(
+                gate, up, gate_bias, up_bias, param, param2, gate_scale,
+                ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SCALED_GATE,
+            )  # fmt: skip
             tl.store(y_ptr + offsets, round_to(y, dtype), mask=mask)
     else:
         num_cols = num_cols // VECTOR * VECTOR
@@ -457,8 +504,9 @@ def gated_fwd_kernel(
         gate_bias = _load_channel(gate_bias_ptr, cols, col_mask, 1, HAS_GATE_BIAS)[None, :]
         up_bias = _load_channel(up_bias_ptr, cols, col_mask, 1, HAS_UP_BIAS)[None, :]
         y = _gated_forward(
-            to_fp32(gate), to_fp32(up), gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS
-        )
+            to_fp32(gate), to_fp32(up), gate_bias, up_bias, param, param2, gate_scale,
+            ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SCALED_GATE,
+        )  # fmt: skip
         tl.store(y_ptr + rows[:, None] * num_cols + cols[None, :], round_to(y, dtype), mask=mask)
 
 
@@ -470,21 +518,22 @@ def _gated_backward(
     gate_bias,
     up_bias,
     param,
+    param2,
+    gate_scale,
     ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
-    SAVED_IS_OUTPUT: tl.constexpr,
+    SCALED_GATE: tl.constexpr,
 ):
-    """(grad_gate, grad_up, y) in fp32 for one block: y = act(gate) * up is the forward output, recomputed."""
-    if HAS_GATE_BIAS:
-        gate += gate_bias
-    if HAS_UP_BIAS:
-        up += up_bias
-    activated = activation_forward(gate, ACTIVATION, param)
-    if SAVED_IS_OUTPUT:  # sigmoid/tanh/relu gates: their derivative reads the output
-        grad_gate = activation_backward(grad_y * up, activated, ACTIVATION, param)
-    else:
-        grad_gate = activation_backward(grad_y * up, gate, ACTIVATION, param)
+    """(grad_gate, grad_up, y) in fp32 for one block: y = act(s z) * up is the forward output, recomputed.
+    The gate's derivative is taken at its input, for every activation (sigmoid's s (1 - s) from the fp32
+    output would be 0 where s rounds to 1)."""
+    gate, up = _gate_and_up(gate, up, gate_bias, up_bias, gate_scale, HAS_GATE_BIAS, HAS_UP_BIAS, SCALED_GATE)
+    activated = activation_forward(gate, ACTIVATION, param, param2, 0.0, 0.0)
+    grad_activated = grad_y * up
+    if SCALED_GATE:  # d/dz act(s z) = s act'(s z)
+        grad_activated *= gate_scale
+    grad_gate = activation_backward(grad_activated, gate, ACTIVATION, param, param2, 0.0, 0.0, False)
     return grad_gate, grad_y * activated, activated * up
 
 
@@ -519,11 +568,13 @@ def gated_bwd_kernel(
     stride_partial_row,
     tiles_per_program,  # (rows) tiles down the rows
     param,
+    param2,
+    gate_scale,  # s (used where SCALED_GATE)
     ACTIVATION: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr,
     HAS_OUTPUT: tl.constexpr,
-    SAVED_IS_OUTPUT: tl.constexpr,  # the activation's derivative is written in terms of its output
+    SCALED_GATE: tl.constexpr,  # s != 1
     COMPUTE_GRAD_BIAS: tl.constexpr,
     FLAT: tl.constexpr,  # grad_y, gate, up contiguous, separate contiguous gradients, no bias gradient
     VECTOR: tl.constexpr,  # (rows) num_cols and every row stride are multiples of it
@@ -546,8 +597,9 @@ def gated_bwd_kernel(
             gate = to_fp32(tl.load(gate_ptr + offsets))
             up = to_fp32(tl.load(up_ptr + offsets))
             grad_gate, grad_up, y = _gated_backward(
-                grad_y, gate, up, gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SAVED_IS_OUTPUT
-            )
+                grad_y, gate, up, gate_bias, up_bias, param, param2, gate_scale,
+                ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SCALED_GATE,
+            )  # fmt: skip
             tl.store(grad_gate_ptr + offsets, round_to(grad_gate, dtype))
             tl.store(grad_up_ptr + offsets, round_to(grad_up, dtype))
             if HAS_OUTPUT:
@@ -558,8 +610,9 @@ def gated_bwd_kernel(
             gate = to_fp32(tl.load(gate_ptr + offsets, mask=mask))
             up = to_fp32(tl.load(up_ptr + offsets, mask=mask))
             grad_gate, grad_up, y = _gated_backward(
-                grad_y, gate, up, gate_bias, up_bias, param, ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SAVED_IS_OUTPUT
-            )
+                grad_y, gate, up, gate_bias, up_bias, param, param2, gate_scale,
+                ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SCALED_GATE,
+            )  # fmt: skip
             tl.store(grad_gate_ptr + offsets, round_to(grad_gate, dtype), mask=mask)
             tl.store(grad_up_ptr + offsets, round_to(grad_up, dtype), mask=mask)
             if HAS_OUTPUT:
@@ -587,8 +640,8 @@ def gated_bwd_kernel(
             gate = tl.load(gate_ptr + rows[:, None] * stride_gate_row + cols[None, :] * stride_gate_col, mask=mask)
             up = tl.load(up_ptr + rows[:, None] * stride_up_row + cols[None, :] * stride_up_col, mask=mask)
             grad_gate, grad_up, y = _gated_backward(
-                grad_y, to_fp32(gate), to_fp32(up), gate_bias, up_bias, param,
-                ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SAVED_IS_OUTPUT,
+                grad_y, to_fp32(gate), to_fp32(up), gate_bias, up_bias, param, param2, gate_scale,
+                ACTIVATION, HAS_GATE_BIAS, HAS_UP_BIAS, SCALED_GATE,
             )  # fmt: skip
             out_offsets = rows[:, None] * stride_grad_row + cols[None, :]
             tl.store(grad_gate_ptr + out_offsets, round_to(grad_gate, dtype), mask=mask)

@@ -343,13 +343,22 @@ def _slope(x):
     return torch.linspace(-0.5, 0.5, 8, device=x.device)
 
 
+def _alphas(x):
+    return torch.linspace(0.3, 1.0, 8, device=x.device), torch.linspace(0.6, 1.2, 8, device=x.device)
+
+
 PATHS = [
-    ("bias_act", lambda x, b: fusedact.gelu(x, b), lambda x, b: ops.bias_act(x, b, None, "gelu", 0.0, 1)),
+    ("bias_act", lambda x, b: fusedact.gelu(x, b), lambda x, b: ops.bias_act(x, b, None, None, "gelu", 0.0, 0.0, 1)),
     ("prelu", lambda x, b: fusedact.prelu(x, _slope(x), b),
-     lambda x, b: ops.bias_act(x, b, _slope(x), "leaky_relu", 0.0, 1)),
+     lambda x, b: ops.bias_act(x, b, _slope(x), None, "prelu", 0.0, 0.0, 1)),
+    ("xielu", lambda x, b: fusedact.xielu(x, b, *_alphas(x), beta=0.5, eps=-1e-6),
+     lambda x, b: ops.bias_act(x, b, *_alphas(x), "xielu", 0.5, float(torch.tensor(-1e-6)), 1)),
     ("gated", lambda x, b: fusedact.geglu(*x.chunk(2, -1), *b.chunk(2)),
-     lambda x, b: ops.gated(*x.chunk(2, -1), *b.chunk(2), "gelu", 0.0)),
-    ("packed", lambda x, b: fusedact.reglu_packed(x, b), lambda x, b: ops.gated_packed(x, b, "relu", 0.0, True)),
+     lambda x, b: ops.gated(*x.chunk(2, -1), *b.chunk(2), "gelu", 0.0, 0.0, 1.0)),
+    ("scaled_gate", lambda x, b: fusedact.gated(*x.chunk(2, -1), *b.chunk(2), gate_scale=0.7),
+     lambda x, b: ops.gated(*x.chunk(2, -1), *b.chunk(2), "swish", 1.0, 0.0, 0.7)),
+    ("packed", lambda x, b: fusedact.reglu_packed(x, b),
+     lambda x, b: ops.gated_packed(x, b, "relu", 0.0, 0.0, 1.0, True)),
     ("softmax", lambda x, b: fusedact.softmax(x, b), _softmax_op),
 ]  # fmt: skip
 

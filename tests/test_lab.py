@@ -86,10 +86,13 @@ def test_accepted_parameters_are_the_public_functions_keywords():
     """Each name's keywords are exactly those its public function takes, and each is accepted by bias_act."""
     expected = {"leaky_relu": ["negative_slope"], "gelu": ["approximate"], "swish": ["beta"], "elu": ["alpha"]}
     expected |= {"celu": ["alpha"], "heaviside": ["value", "straight_through"], "geglu": ["approximate"]}
+    expected |= {"hardtanh": ["min_val", "max_val"], "softplus": ["beta", "threshold"]}
+    expected |= {"xielu": ["alpha_p", "alpha_n", "beta", "eps"]}
     for name in fusedact.functional.ACTIVATIONS:
         assert accepted_parameters(name) == expected.get(name, []), name
     for name, keywords in expected.items():
         defaults = {"negative_slope": 0.2, "approximate": "tanh", "beta": 1.5, "alpha": 0.5, "value": 0.5}
+        defaults |= {"min_val": -0.5, "max_val": 2.0, "threshold": 10.0, "alpha_p": 0.7, "alpha_n": 0.9, "eps": -1e-6}
         spec = parse_activation(f"{name}:" + ",".join(f"{key}={defaults.get(key, 'true')}" for key in keywords))
         assert set(spec.params) == set(keywords)
 

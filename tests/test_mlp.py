@@ -351,19 +351,21 @@ def test_opcheck_the_registered_ops():
     wg, wu, wd = (torch.randn(FF, H, requires_grad=True), torch.randn(FF, H, requires_grad=True), torch.randn(H, FF))
     bg, bd = torch.randn(FF, requires_grad=True), torch.randn(H)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(lean.gated_mlp_op, (x, wg.t(), wu.t(), wd.t(), bg, None, bd, "swish", 1.0), test_utils=checks)
-    out, gate, up = lean.gated_mlp_op(x, wg.t(), wu.t(), wd.t(), bg, None, bd, "swish", 1.0)
+    torch.library.opcheck(
+        lean.gated_mlp_op, (x, wg.t(), wu.t(), wd.t(), bg, None, bd, "swish", 1.0, 0.0), test_utils=checks
+    )
+    out, gate, up = lean.gated_mlp_op(x, wg.t(), wu.t(), wd.t(), bg, None, bd, "swish", 1.0, 0.0)
     detached = [t.detach() for t in (x, gate, up, wg.t(), wu.t(), wd.t(), bg)]
-    args = (torch.randn_like(out), *detached, None, bd, "swish", 1.0, [True, True, False, True, True, False, True])
+    args = (torch.randn_like(out), *detached, None, bd, "swish", 1.0, 0.0, [True, True, False, True, True, False, True])
     torch.library.opcheck(lean.gated_mlp_backward_op, args, test_utils=checks)
     wgu = torch.randn(2 * FF, H, requires_grad=True)
-    torch.library.opcheck(lean.gated_mlp_packed_op, (x, wgu.t(), wd.t(), None, bd, "relu", 0.0, False))
-    out, gate_up = lean.gated_mlp_packed_op(x, wgu.t(), wd.t(), None, bd, "relu", 0.0, False)
-    args = (torch.randn_like(out), x.detach(), gate_up.detach(), wgu.detach().t(), wd.t(), None, bd, "relu", 0.0)
+    torch.library.opcheck(lean.gated_mlp_packed_op, (x, wgu.t(), wd.t(), None, bd, "relu", 0.0, 0.0, False))
+    out, gate_up = lean.gated_mlp_packed_op(x, wgu.t(), wd.t(), None, bd, "relu", 0.0, 0.0, False)
+    args = (torch.randn_like(out), x.detach(), gate_up.detach(), wgu.detach().t(), wd.t(), None, bd, "relu", 0.0, 0.0)
     torch.library.opcheck(lean.gated_mlp_packed_backward_op, (*args, False, [True] * 5), test_utils=checks)
-    torch.library.opcheck(lean.mlp_op, (x, wg.t(), wd.t(), bg, bd, "gelu", 0.0))
-    out, z = lean.mlp_op(x, wg.t(), wd.t(), bg, bd, "gelu", 0.0)
-    args = (torch.randn_like(out), x.detach(), z.detach(), wg.detach().t(), wd.t(), bg.detach(), bd, "gelu", 0.0)
+    torch.library.opcheck(lean.mlp_op, (x, wg.t(), wd.t(), bg, bd, "gelu", 0.0, 0.0))
+    out, z = lean.mlp_op(x, wg.t(), wd.t(), bg, bd, "gelu", 0.0, 0.0)
+    args = (torch.randn_like(out), x.detach(), z.detach(), wg.detach().t(), wd.t(), bg.detach(), bd, "gelu", 0.0, 0.0)
     torch.library.opcheck(lean.mlp_backward_op, (*args, [True, False, True, True, True]), test_utils=checks)
 
 
@@ -610,7 +612,7 @@ BAD_INPUTS = [
     (lambda: lean.gated_mlp(_ones(3, H), _ones(FF, H), _ones(FF, H), None), TypeError, "down_weight must be a torch"),
     (lambda: lean.gated_mlp_packed(_ones(3, H), _ones(FF + 1, H), _ones(H, FF)), ValueError, "gate_up_weight must"),
     (lambda: lean.mlp(_ones(3, H), _ones(FF, H), _ones(H, FF), None, _ones(H + 1)), ValueError, "fc2_bias must"),
-    (lambda: lean.mlp(_ones(3, H), _ones(FF, H), _ones(H, FF), activation="softplus"), ValueError, "unknown activ"),
+    (lambda: lean.mlp(_ones(3, H), _ones(FF, H), _ones(H, FF), activation="softsign"), ValueError, "unknown activ"),
     (lambda: lean.mlp(_ones(3, H), _ones(FF, H), _ones(H, FF), activation="gelu", beta=2), TypeError, "unexpected"),
     (lambda: lean.mlp(torch.ones(3, H, dtype=torch.int32), _ones(FF, H), _ones(H, FF)), TypeError, "x must be float"),
 ]

@@ -15,12 +15,12 @@ def _randn(*shape, device, dtype=torch.float32, requires_grad=False):
     return torch.randn(*shape, device=device, dtype=dtype, requires_grad=requires_grad)
 
 
-def _opcheck_bias_act(x, bias, weight, activation, param, dim):
-    torch.library.opcheck(ops.bias_act, (x, bias, weight, activation, param, dim))
-    saved_is_output = weight is None and ops.saves_output(activation, param)
-    saved = ops.bias_act(x, bias, weight, activation, param, dim) if saved_is_output else x
-    detached = [None if t is None else t.detach() for t in (saved, bias, weight)]
-    args = (torch.randn_like(x), detached[0], detached[1], detached[2], activation, param, dim, saved_is_output)
+def _opcheck_bias_act(x, bias, weight, activation, param, dim, weight2=None, param2=0.0):
+    torch.library.opcheck(ops.bias_act, (x, bias, weight, weight2, activation, param, param2, dim))
+    saved_is_output = ops.saves_output(activation, param)
+    saved = ops.bias_act(x, bias, weight, weight2, activation, param, param2, dim) if saved_is_output else x
+    detached = [None if t is None else t.detach() for t in (saved, bias, weight, weight2)]
+    args = (torch.randn_like(x), *detached, activation, param, param2, dim, saved_is_output)
     torch.library.opcheck(ops.bias_act_backward, (*args, bias is not None, weight is not None))
 
 
@@ -45,8 +45,25 @@ def test_opcheck_channel_bias(layout, weight_size, device):
     x.requires_grad_()
     bias = _randn(3, device=device, requires_grad=True)
     weight = None if weight_size is None else _randn(weight_size, device=device).abs().requires_grad_()
-    activation = "gelu" if weight is None else "leaky_relu"
+    activation = "gelu" if weight is None else "prelu"
     _opcheck_bias_act(x, bias, weight, activation, 0.0, 1)
+
+
+@pytest.mark.parametrize("activation,param,param2", [("hardtanh", -0.5, 2.0), ("softplus", 2.0, 3.0),
+                                                     ("hardswish", 0.0, 0.0), ("hardsigmoid", 0.0, 0.0)])  # fmt: skip
+def test_opcheck_two_float_parameters(activation, param, param2, device):
+    x = _randn(4, 9, device=device, requires_grad=True)
+    bias = _randn(9, device=device, requires_grad=True)
+    _opcheck_bias_act(x, bias, None, activation, param, 1, param2=param2)
+
+
+@pytest.mark.parametrize("weight_size", [1, 9], ids=["shared", "perchannel"])
+def test_opcheck_two_learned_parameters(weight_size, device):
+    """xIELU: alpha_p and alpha_n (weight, weight2), beta and eps (param, param2)."""
+    x = _randn(4, 9, device=device, requires_grad=True)
+    bias = _randn(9, device=device, requires_grad=True)
+    alpha_p, alpha_n = (_randn(weight_size, device=device).abs().requires_grad_() for _ in range(2))
+    _opcheck_bias_act(x, bias, alpha_p, "xielu", 0.5, 1, weight2=alpha_n, param2=-1e-6)
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
@@ -54,14 +71,16 @@ def test_opcheck_gated(with_bias, device):
     gate, up = _randn(3, 8, device=device, requires_grad=True), _randn(3, 8, device=device, requires_grad=True)
     gate_bias = _randn(8, device=device, requires_grad=True) if with_bias else None
     up_bias = _randn(8, device=device, requires_grad=True) if with_bias else None
-    torch.library.opcheck(ops.gated, (gate, up, gate_bias, up_bias, "swish", 1.0))
-    detached = [None if t is None else t.detach() for t in (gate, up, gate_bias, up_bias)]
-    torch.library.opcheck(ops.gated_backward, (_randn(3, 8, device=device), *detached, "swish", 1.0, with_bias))
+    for scale in (1.0, 0.7):  # a gate scale (Falcon-H1's gate_multiplier) runs another kernel variant
+        torch.library.opcheck(ops.gated, (gate, up, gate_bias, up_bias, "swish", 1.0, 0.0, scale))
+        detached = [None if t is None else t.detach() for t in (gate, up, gate_bias, up_bias)]
+        args = (_randn(3, 8, device=device), *detached, "swish", 1.0, 0.0, scale, with_bias)
+        torch.library.opcheck(ops.gated_backward, args)
     packed = _randn(3, 16, device=device, requires_grad=True)
     packed_bias = _randn(16, device=device, requires_grad=True) if with_bias else None
-    torch.library.opcheck(ops.gated_packed, (packed, packed_bias, "swish", 1.0, True))
+    torch.library.opcheck(ops.gated_packed, (packed, packed_bias, "swish", 1.0, 0.0, 0.7, True))
     args = (_randn(3, 8, device=device), packed.detach(), None if packed_bias is None else packed_bias.detach())
-    torch.library.opcheck(ops.gated_packed_backward, (*args, "swish", 1.0, True, with_bias))
+    torch.library.opcheck(ops.gated_packed_backward, (*args, "swish", 1.0, 0.0, 0.7, True, with_bias))
 
 
 GRADCHECK_CASES = [("relu", {}), ("leaky_relu", {"negative_slope": -0.5}), ("gelu", {}),
@@ -140,7 +159,7 @@ def test_eager_entry_matches_the_op(device):
     grad_y = _randn(6, 10, device=device)
     y = fusedact.gelu(x, bias)
     assert "bias_act_function" in type(y.grad_fn).__name__
-    y_op = ops.bias_act(x, bias, None, "gelu", 0.0, 1)
+    y_op = ops.bias_act(x, bias, None, None, "gelu", 0.0, 0.0, 1)
     assert torch.equal(y, y_op)
     grads = torch.autograd.grad(y, (x, bias), grad_y, retain_graph=True)
     grads_op = torch.autograd.grad(y_op, (x, bias), grad_y, retain_graph=True)
@@ -243,7 +262,7 @@ BAD_INPUTS = [
         r"shape \(4,\)",
     ),  # noqa: E501
     (lambda d: fusedact.gelu(torch.ones(3, device=d), approximate="fast"), ValueError, "approximate must be"),
-    (lambda d: fusedact.bias_act(torch.ones(3, device=d), None, "softplus"), ValueError, "unknown activation"),
+    (lambda d: fusedact.bias_act(torch.ones(3, device=d), None, "softsign"), ValueError, "unknown activation"),
     (lambda d: fusedact.bias_act(torch.ones(3, device=d), None, "relu", beta=2), TypeError, "unexpected keyword"),
 ]
 

@@ -5,9 +5,11 @@ kernels. Two paths, chosen per element:
 
 - Fast path: PyTorch's own fused ops (``F.gelu``, ``aten.gelu_backward``, ``F.silu``...), for the
   elements inside the range where that op meets fusedact's accuracy (``FAST_RANGE``: bf16/fp16 within
-  1 ULP and fp32 within a few ULPs of the exact value). relu, leaky_relu, tanh, the ELU family's forward
-  and heaviside always take it: their PyTorch ops are accurate over the whole range and have exactly the
-  kernels' semantics. Outside those ranges PyTorch's fp32 ops cancel (``1 + erf`` below z = -1.8,
+  1 ULP and fp32 within a few ULPs of the exact value). relu, leaky_relu, prelu, tanh, the ELU family's
+  forward, hardtanh, hardsigmoid and heaviside always take it: their PyTorch ops are accurate over the
+  whole range and have exactly the kernels' semantics (hardtanh's, hardswish's and hardsigmoid's backward
+  are written as the kernels' selects: PyTorch's CPU kernels treat a NaN input one way when vectorized
+  and another way element by element). Outside those ranges PyTorch's fp32 ops cancel (``1 + erf`` below z = -1.8,
   ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below -88), and
   give NaN at +-inf where the function has a limit.
 - Careful path: the twin of ``kernels/activations.py``, line for line (same formulas, same scaling of
@@ -16,8 +18,9 @@ kernels. Two paths, chosen per element:
   must itself be differentiable (grad mode on and an input requiring grad: double backward) and PyTorch's
   op has no derivative (``aten.silu_backward``, ``aten.mish_backward``). Where the kernels evaluate erfc
   with their own fit of erfcx (Triton's interpreter has no libdevice), the twin calls
-  ``torch.special.erfcx``, accurate in fp64 too. Every constant of the twin (clamps, scaling thresholds)
-  holds in fp64 as well.
+  ``torch.special.erfcx``, accurate in fp64 too, and where they evaluate log1p by its series,
+  ``torch.log1p``. Every constant of the twin (clamps, scaling thresholds) holds in fp64 as well. xIELU's
+  negative side is summed in fp64, as in the kernels (its two terms cancel where it crosses 0).
 
 The ELU family's gradient at a NaN input is NaN (PyTorch's ``elu_backward`` gives NaN on its vectorized
 CPU path and ``grad * scale`` on its scalar and CUDA paths). The tests hold both paths, and the kernels,
@@ -69,6 +72,14 @@ FAST_RANGE: dict[tuple[str, str], tuple[float, float]] = {
     ("sigmoid", "forward"): (-80.0, math.inf),
     ("mish", "forward"): (-80.0, TAME_LIMIT),
     ("mish", "backward"): (-80.0, 7.0),
+    # softplus, of t = beta * z: PyTorch's exp(t) underflows below -88 (the careful path scales it)
+    # (above 80 its exp(t) would overflow where a threshold past 88 asks for log1p(exp(t)))
+    ("softplus", "forward"): (-80.0, 80.0),
+    ("softplus", "backward"): (-80.0, 80.0),
+    # sigmoid's and tanh's derivatives from their input (the gated ops): 1 - s cancels above 7, 1 - t^2
+    # above 4.5 (and below their negatives for tanh)
+    ("sigmoid", "backward"): (-80.0, 7.0),
+    ("tanh", "backward"): (-4.5, 4.5),
 }
 
 
@@ -107,12 +118,31 @@ def _needs_derivative(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def activation_forward(z: Tensor, activation: str, param: float) -> Tensor:
+def activation_forward(
+    z: Tensor,
+    activation: str,
+    param: float,
+    param2: float = 0.0,
+    weight: Tensor | None = None,
+    weight2: Tensor | None = None,
+) -> Tensor:
+    """f(z): ``param``/``param2`` the activation's float parameters, ``weight``/``weight2`` its learned ones
+    (PReLU's slope; xIELU's alpha_p, alpha_n), shaped to broadcast with ``z`` (see kernels/activations.py)."""
     # Activations whose PyTorch op has the kernels' semantics and accuracy for every input.
     if activation == "relu":
         return torch.relu(z)
     if activation == "leaky_relu":
         return F.leaky_relu(z, param)
+    if activation == "prelu":  # PyTorch's elementwise prelu
+        return torch.ops.aten._prelu_kernel(z, weight)
+    if activation == "hardtanh":
+        return F.hardtanh(z, param, param2)
+    if activation == "hardsigmoid":
+        return F.hardsigmoid(z)
+    if activation == "hardswish":  # F.hardswish(-inf) is -inf * 0 = NaN: the limit -0.0 instead
+        return _times_gate(z, (z + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0))
+    if activation == "xielu":
+        return _xielu(z, weight, weight2, param, param2)
     if activation == "tanh":
         return torch.tanh(z)
     if activation in ("elu", "selu", "celu"):
@@ -124,7 +154,7 @@ def activation_forward(z: Tensor, activation: str, param: float) -> Tensor:
         return torch.heaviside(z, z.new_tensor(param))
 
     def careful(mask):
-        return _careful_forward(_pick(z, mask), activation, param)
+        return _careful_forward(_pick(z, mask), activation, param, param2)
 
     # The smooth ones: PyTorch's ops where they are accurate, the careful twin elsewhere.
     if activation in ("gelu", "gelu_tanh"):
@@ -138,18 +168,43 @@ def activation_forward(z: Tensor, activation: str, param: float) -> Tensor:
         return _fast_where_accurate(("sigmoid", "forward"), z, lambda: torch.sigmoid(z), careful)
     if activation == "mish":
         return _fast_where_accurate(("mish", "forward"), z, lambda: F.mish(z), careful)
+    if activation == "softplus":  # beta, threshold: the range is of t = beta z
+        fast = lambda: F.softplus(z, param, param2)  # noqa: E731
+        return _fast_where_accurate(("softplus", "forward"), param * z, fast, careful)
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: float) -> Tensor:
+def activation_backward(
+    grad: Tensor,
+    saved: Tensor,
+    activation: str,
+    param: float,
+    param2: float = 0.0,
+    weight: Tensor | None = None,
+    weight2: Tensor | None = None,
+    saved_is_output: bool = False,
+) -> Tensor:
+    """grad * f'(z) from ``saved``: the output where ``saved_is_output`` (relu, leaky_relu with slope >= 0,
+    sigmoid, tanh, as bias_act keeps them), else the input (for those too: the gated ops keep it)."""
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, saved, 0)
     if activation == "leaky_relu":
         return torch.ops.aten.leaky_relu_backward(grad, saved, param, False)
-    if activation == "sigmoid":  # saved is the output
+    if activation == "prelu":
+        return torch.where(saved > 0, grad, grad * weight)
+    if activation == "sigmoid" and saved_is_output:
         return torch.ops.aten.sigmoid_backward(grad, saved)
-    if activation == "tanh":  # saved is the output
+    if activation == "tanh" and saved_is_output:
         return torch.ops.aten.tanh_backward(grad, saved)
+    if activation == "hardtanh":  # a NaN input passes the gradient (PyTorch's CUDA kernel; kernels/activations.py)
+        return torch.where((saved <= param) | (saved >= param2), 0.0, grad)
+    if activation == "hardswish":
+        inside = grad * ((2.0 * saved + 3.0) * (1.0 / 6.0))
+        return torch.where(saved <= -3.0, 0.0, torch.where(saved < 3.0, inside, grad))
+    if activation == "hardsigmoid":
+        return torch.where((saved > -3.0) & (saved < 3.0), grad * (1.0 / 6.0), 0.0)
+    if activation == "xielu":
+        return grad * _xielu_derivative(saved, weight, weight2, param, param2)
     if activation in ("elu", "selu", "celu"):
         alpha, scale, input_scale = _elu_params(activation, param)
         # NaN in, NaN out (PyTorch's elu_backward passes the gradient at NaN on some of its paths). Its
@@ -165,7 +220,7 @@ def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: flo
         return grad.clone()
 
     def careful(mask):
-        return _careful_backward(_pick(grad, mask), _pick(saved, mask), activation, param)
+        return _careful_backward(_pick(grad, mask), _pick(saved, mask), activation, param, param2)
 
     if grad.shape != saved.shape:  # (a broadcast gradient: no element-wise split)
         grad = grad.expand_as(saved)
@@ -184,6 +239,15 @@ def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: flo
             return careful(None)
         fast = lambda: torch.ops.aten.mish_backward(grad, saved)  # noqa: E731
         return _fast_where_accurate(("mish", "backward"), saved, fast, careful)
+    if activation == "sigmoid":  # from the input
+        fast = lambda: torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(saved))  # noqa: E731
+        return _fast_where_accurate(("sigmoid", "backward"), saved, fast, careful)
+    if activation == "tanh":  # from the input
+        fast = lambda: torch.ops.aten.tanh_backward(grad, torch.tanh(saved))  # noqa: E731
+        return _fast_where_accurate(("tanh", "backward"), saved, fast, careful)
+    if activation == "softplus":  # (aten.softplus_backward is differentiable)
+        fast = lambda: torch.ops.aten.softplus_backward(grad, saved, param, param2)  # noqa: E731
+        return _fast_where_accurate(("softplus", "backward"), param * saved, fast, careful)
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -197,7 +261,9 @@ def _swish_backward_plain(grad: Tensor, z: Tensor, beta: float) -> Tensor:
 
 
 def _times_gate(z: Tensor, p: Tensor) -> Tensor:
-    return z.clamp(min=-torch.finfo(z.dtype).max) * p  # -inf * 0 -> -0.0; torch.clamp keeps NaN
+    # where p = 0, +-inf * 0 -> a zero signed like z; elsewhere +-inf stays (the kernels' _times_gate)
+    largest = torch.finfo(z.dtype).max
+    return torch.where(p == 0.0, z.clamp(-largest, largest), z) * p
 
 
 def _exp2_scaled(t: Tensor, tail: Tensor) -> Tensor:
@@ -244,7 +310,59 @@ def _mish_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return n * reciprocal, (4.0 * e) * (1.0 + e) * (reciprocal * reciprocal), tail
 
 
-def _careful_forward(z: Tensor, activation: str, param: float) -> Tensor:
+def _softplus_parts(z: Tensor, beta: float, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    t = beta * z
+    u = -t.abs() * _LOG2E
+    tail = (t < 0) & (u < _TAIL_EXPONENT)
+    e = _exp2_scaled(u, tail)
+    return t, (torch.where(t > 0, t, 0.0) + torch.log1p(e)) * (1.0 / beta), tail
+
+
+def _expm1_minus_identity(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(expm1(z) - z, exp(z)): torch.expm1 minus z where |z| >= 0.5; below, z^2 times the series the
+    kernels evaluate (written with Horner's rule as they do)."""
+    series = torch.full_like(z, 1.0 / 362880)
+    for coefficient in (1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5):
+        series = series * z + coefficient
+    exponential = torch.exp(z)
+    return torch.where(z.abs() < 0.5, (z * z) * series, (exponential - 1.0) - z), exponential
+
+
+def _xielu_negative(z: Tensor, alpha_n: Tensor, beta: float, eps: float) -> tuple[Tensor, ...]:
+    """(f for z <= 0, expm1(m), exp(m), m) in fp64 (the first two), m = min(z, eps), as the kernels."""
+    m = torch.where(z > eps, eps, z)
+    e_minus_m, exponential = _expm1_minus_identity(m)
+    m64 = m.double()
+    expm1 = torch.where(m.abs() < 0.5, e_minus_m.double() + m64, exponential.double() - 1.0)
+    alpha64 = alpha_n.double()
+    slope = beta - alpha64
+    linear = torch.where(slope == 0, 0.0, slope * z.double())
+    return alpha64 * expm1 + linear, expm1, exponential, m
+
+
+def _xielu(z: Tensor, alpha_p: Tensor, alpha_n: Tensor, beta: float, eps: float) -> Tensor:
+    negative, _, _, _ = _xielu_negative(z, alpha_n, beta, eps)
+    return torch.where(z > 0, z * (alpha_p * z + beta), negative.to(z.dtype))
+
+
+def _xielu_derivative(z: Tensor, alpha_p: Tensor, alpha_n: Tensor, beta: float, eps: float) -> Tensor:
+    _, expm1, exponential, _ = _xielu_negative(z, alpha_n, beta, eps)
+    alpha64 = alpha_n.double()
+    below = alpha64 * expm1 + beta
+    tie = alpha64 * (0.5 * exponential.double() - 1.0) + beta  # PyTorch's minimum splits a tie's gradient
+    negative = torch.where(z > eps, beta - alpha64, torch.where(z == eps, tie, below))
+    return torch.where(z > 0, 2.0 * alpha_p * z + beta, negative.to(z.dtype))
+
+
+def _xielu_parameter_gradients(grad: Tensor, z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per element: grad * d/dalpha_p (z^2 above 0) and grad * d/dalpha_n (expm1(min(z, eps)) - z below)."""
+    m = torch.where(z > eps, eps, z)
+    e_minus_m, _ = _expm1_minus_identity(m)
+    contribution = grad * torch.where(z > 0, z * z, e_minus_m + torch.where(z > eps, eps - z, 0.0))
+    return torch.where(z > 0, contribution, 0.0), torch.where(z > 0, 0.0, contribution)
+
+
+def _careful_forward(z: Tensor, activation: str, param: float, param2: float = 0.0) -> Tensor:
     if activation == "gelu":
         cdf, _, tail = _gelu_parts(z)
         return _unscale(_times_gate(z, cdf), tail)
@@ -261,10 +379,13 @@ def _careful_forward(z: Tensor, activation: str, param: float) -> Tensor:
     if activation == "mish":
         t, _, tail = _mish_parts(z)
         return _unscale(_times_gate(z, t), tail)
+    if activation == "softplus":
+        t, value, tail = _softplus_parts(z, param, param2)
+        return torch.where(t > param2, z, _unscale(value, tail))
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def _careful_backward(grad: Tensor, saved: Tensor, activation: str, param: float) -> Tensor:
+def _careful_backward(grad: Tensor, saved: Tensor, activation: str, param: float, param2: float = 0.0) -> Tensor:
     if activation == "gelu":
         cdf, pdf, tail = _gelu_parts(saved)
         return _grad_times(grad, cdf + saved.clamp(-_GELU_CLAMP, _GELU_CLAMP) * pdf, tail)
@@ -278,7 +399,19 @@ def _careful_backward(grad: Tensor, saved: Tensor, activation: str, param: float
         return _grad_times(grad, p + x.clamp(-_LOGISTIC_CLAMP, _LOGISTIC_CLAMP) * slope, tail)
     if activation == "mish":
         t, slope, tail = _mish_parts(saved)
-        return _grad_times(grad, t + saved.clamp(_MISH_LOW_CLAMP, _MISH_CLAMP) * slope, tail)
+        # Past the clamp mish' is 1 - O(z exp(-2z)): 1 in fp32 and fp64, where t = n / (n + 2) may round low.
+        derivative = t + saved.clamp(_MISH_LOW_CLAMP, _MISH_CLAMP) * slope
+        return torch.where(saved > _MISH_CLAMP, grad, _grad_times(grad, derivative, tail))
+    if activation == "sigmoid":  # from the input
+        _, slope, tail = _logistic(saved)
+        return _grad_times(grad, slope, tail)
+    if activation == "tanh":  # from the input: 4 s(2z) (1 - s(2z))
+        _, slope, tail = _logistic(2.0 * saved)
+        return _grad_times(grad, 4.0 * slope, tail)
+    if activation == "softplus":
+        t = param * saved
+        p, _, tail = _logistic(t)
+        return torch.where(t > param2, grad, _grad_times(grad, p, tail))
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -301,11 +434,29 @@ def _along(t: Tensor | None, x: Tensor, dim: int) -> Tensor | None:
     return None if t is None else t.view(channel_shape(x, dim))
 
 
-def bias_act(x: Tensor, bias: Tensor | None, weight: Tensor | None, activation: str, param: float, dim: int) -> Tensor:
+def bias_act(
+    x: Tensor,
+    bias: Tensor | None,
+    weight: Tensor | None,
+    weight2: Tensor | None,
+    activation: str,
+    param: float,
+    param2: float,
+    dim: int,
+) -> Tensor:
     z = _with_bias(x, _along(bias, x, dim))
-    if weight is not None:  # PReLU: leaky_relu with a slope per channel (PyTorch's elementwise prelu)
-        return torch.ops.aten._prelu_kernel(z, _along(weight, x, dim).to(z.dtype)).to(x.dtype)
-    return activation_forward(z, activation, param).to(x.dtype)
+    weight, weight2 = (None if w is None else _along(w, x, dim).to(z.dtype) for w in (weight, weight2))
+    return activation_forward(z, activation, param, param2, weight, weight2).to(x.dtype)
+
+
+def _weight_grad(grad: Tensor, weight: Tensor | None, dim: int) -> Tensor:
+    """A learned parameter's gradient from its per-element terms: summed over everything but its channels
+    (or over everything, for one shared by all), then rounded once to its dtype."""
+    if weight is None:
+        return grad.new_empty(0)
+    if weight.numel() == 1:
+        return grad.sum().reshape(1).to(weight.dtype)
+    return _bias_grad(grad, weight, True, dim)
 
 
 def bias_act_backward(
@@ -313,33 +464,51 @@ def bias_act_backward(
     saved: Tensor,
     bias: Tensor | None,
     weight: Tensor | None,
+    weight2: Tensor | None,
     activation: str,
     param: float,
+    param2: float,
     dim: int,
     saved_is_output: bool,
     compute_grad_bias: bool,
     compute_grad_weight: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     z = _with_bias(saved, None if saved_is_output else _along(bias, saved, dim))
     grad = grad_y.to(z.dtype)
-    grad_weight = saved.new_empty(0)
-    if weight is not None:  # PReLU; the slope's gradient is grad * z on the negative side
-        grad_x, grad_slope = torch.ops.aten._prelu_kernel_backward(grad, z, _along(weight, saved, dim).to(z.dtype))
+    shaped = [None if w is None else _along(w, saved, dim).to(z.dtype) for w in (weight, weight2)]
+    grad_weight, grad_weight2 = saved.new_empty(0), saved.new_empty(0)  # (outputs of an op never alias)
+    if activation == "prelu":  # PyTorch's elementwise prelu backward: the slope's term is grad * z below 0
+        grad_x, grad_slope = torch.ops.aten._prelu_kernel_backward(grad, z, shaped[0])
         if compute_grad_weight:
-            if weight.numel() == 1:  # one slope shared by every channel
-                grad_weight = grad_slope.sum().reshape(1).to(weight.dtype)
-            else:
-                grad_weight = _bias_grad(grad_slope, weight, True, dim)
+            grad_weight = _weight_grad(grad_slope, weight, dim)
     else:
-        grad_x = activation_backward(grad, z, activation, param)
-    return grad_x.to(saved.dtype), _bias_grad(grad_x, bias, compute_grad_bias, dim), grad_weight
+        grad_x = activation_backward(grad, z, activation, param, param2, *shaped, saved_is_output)
+        if compute_grad_weight and activation == "xielu":
+            terms = _xielu_parameter_gradients(grad, z, param2)
+            grad_weight, grad_weight2 = (_weight_grad(t, w, dim) for t, w in zip(terms, (weight, weight2), strict=True))
+    return grad_x.to(saved.dtype), _bias_grad(grad_x, bias, compute_grad_bias, dim), grad_weight, grad_weight2
+
+
+def _gate_and_up(
+    gate: Tensor, up: Tensor, gate_bias: Tensor | None, up_bias: Tensor | None, gate_scale: float
+) -> tuple[Tensor, Tensor]:
+    """s (gate + gate_bias) and up + up_bias in the compute dtype (s = 1 multiplies nothing)."""
+    z = _with_bias(gate, gate_bias)
+    return (z if gate_scale == 1.0 else z * gate_scale), _with_bias(up, up_bias)
 
 
 def gated(
-    gate: Tensor, up: Tensor, gate_bias: Tensor | None, up_bias: Tensor | None, activation: str, param: float
+    gate: Tensor,
+    up: Tensor,
+    gate_bias: Tensor | None,
+    up_bias: Tensor | None,
+    activation: str,
+    param: float,
+    param2: float,
+    gate_scale: float,
 ) -> Tensor:
-    z = _with_bias(gate, gate_bias)
-    return (activation_forward(z, activation, param) * _with_bias(up, up_bias)).to(gate.dtype)
+    z, u = _gate_and_up(gate, up, gate_bias, up_bias, gate_scale)
+    return (activation_forward(z, activation, param, param2) * u).to(gate.dtype)
 
 
 def gated_backward(
@@ -350,14 +519,17 @@ def gated_backward(
     up_bias: Tensor | None,
     activation: str,
     param: float,
-    saved_is_output: bool,
+    param2: float,
+    gate_scale: float,
     compute_grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    z = _with_bias(gate, gate_bias)
-    u = _with_bias(up, up_bias)
+    """The gate's derivative is taken at its input (as the kernels'): d/dgate = s act'(s z) u grad,
+    d/dup = act(s z) grad."""
+    z, u = _gate_and_up(gate, up, gate_bias, up_bias, gate_scale)
     grad = grad_y.to(z.dtype)
-    activated = activation_forward(z, activation, param)
-    grad_gate = activation_backward(grad * u, activated if saved_is_output else z, activation, param)
+    activated = activation_forward(z, activation, param, param2)
+    grad_activated = grad * u if gate_scale == 1.0 else (grad * u) * gate_scale
+    grad_gate = activation_backward(grad_activated, z, activation, param, param2)
     grad_up = grad * activated
     return (
         grad_gate.to(gate.dtype),

@@ -236,7 +236,16 @@ def _activation_id(activation: str) -> int:
     return ACTIVATIONS[activation]
 
 
-def bias_act(x: Tensor, bias: Tensor | None, weight: Tensor | None, activation: str, param: float, dim: int) -> Tensor:
+def bias_act(
+    x: Tensor,
+    bias: Tensor | None,
+    weight: Tensor | None,
+    weight2: Tensor | None,
+    activation: str,
+    param: float,
+    param2: float,
+    dim: int,
+) -> Tensor:
     along_rows = channels_along_rows(x, dim)
     x2 = channel_matrix(x, dim, along_rows)
     num_rows, num_cols = x2.shape
@@ -250,8 +259,9 @@ def bias_act(x: Tensor, bias: Tensor | None, weight: Tensor | None, activation: 
         vector = _row_vector(x.element_size(), num_cols, x2)
     launch(
         bias_act_fwd_kernel, grid, x.device,
-        x2, vector_argument(bias), vector_argument(weight), channel_matrix(y, dim, along_rows),
-        num_rows, num_cols, x2.stride(0), x2.stride(1), _num_channels(x, dim), _weight_stride(weight), param,
+        x2, vector_argument(bias), vector_argument(weight), vector_argument(weight2),
+        channel_matrix(y, dim, along_rows), num_rows, num_cols, x2.stride(0), x2.stride(1), _num_channels(x, dim),
+        _weight_stride(weight), param, param2,
         ACTIVATION=_activation_id(activation), CHANNELS_ALONG_ROWS=along_rows, FLAT=flat, VECTOR=vector,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
@@ -263,7 +273,8 @@ def _num_channels(x: Tensor, dim: int) -> int:
 
 
 def _weight_stride(weight: Tensor | None) -> int:
-    """1 for a slope per channel, 0 for one slope shared by all of them."""
+    """1 for a learned parameter per channel, 0 for one shared by all of them (a second one, xIELU's
+    alpha_n, is laid out as the first)."""
     return 0 if weight is None or weight.numel() == 1 else 1
 
 
@@ -284,16 +295,19 @@ def bias_act_backward(
     saved: Tensor,
     bias: Tensor | None,
     weight: Tensor | None,
+    weight2: Tensor | None,
     activation: str,
     param: float,
+    param2: float,
     dim: int,
     saved_is_output: bool,
     compute_grad_bias: bool,
     compute_grad_weight: bool,
     output: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_bias, grad_weight). ``output``: a tensor laid out like ``grad_x`` that also receives
-    the forward output, recomputed from the saved input (not with ``saved_is_output``)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_bias, grad_weight, grad_weight2); ``compute_grad_weight`` asks for the gradient of every
+    learned parameter given. ``output``: a tensor laid out like ``grad_x`` that also receives the forward
+    output, recomputed from the saved input (not with ``saved_is_output``)."""
     along_rows = channels_along_rows(saved, dim)
     grad_y2, saved2 = channel_matrix(grad_y, dim, along_rows), channel_matrix(saved, dim, along_rows)
     num_rows, num_cols = saved2.shape
@@ -316,13 +330,14 @@ def bias_act_backward(
         return torch.empty(partial_shape, dtype=torch.float32, device=saved.device) if compute else None
 
     partial_bias, partial_weight = partial_buffer(compute_grad_bias), partial_buffer(compute_grad_weight)
+    partial_weight2 = partial_buffer(compute_grad_weight and weight2 is not None)
     output2 = None if output is None else channel_matrix(output, dim, along_rows)
     launch(
         bias_act_bwd_kernel, grid, saved.device,
-        grad_y2, saved2, vector_argument(bias), vector_argument(weight), channel_matrix(grad_x, dim, along_rows),
-        output2, partial_bias, partial_weight,
+        grad_y2, saved2, vector_argument(bias), vector_argument(weight), vector_argument(weight2),
+        channel_matrix(grad_x, dim, along_rows), output2, partial_bias, partial_weight, partial_weight2,
         num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), saved2.stride(0), saved2.stride(1),
-        _num_channels(saved, dim), _weight_stride(weight), tiles_per_program, param,
+        _num_channels(saved, dim), _weight_stride(weight), tiles_per_program, param, param2,
         ACTIVATION=_activation_id(activation), CHANNELS_ALONG_ROWS=along_rows, SAVED_IS_OUTPUT=saved_is_output,
         COMPUTE_GRAD_BIAS=compute_grad_bias, COMPUTE_GRAD_WEIGHT=compute_grad_weight, FLAT=flat, VECTOR=vector,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
@@ -330,14 +345,22 @@ def bias_act_backward(
     num_channels = _num_channels(saved, dim)
     # (two distinct empty tensors: a custom op's outputs must not alias each other)
     grad_bias = _channel_sums(partial_bias, along_rows, num_channels, bias) if compute_grad_bias else saved.new_empty(0)
-    grad_weight = (
-        _channel_sums(partial_weight, along_rows, num_channels, weight) if compute_grad_weight else saved.new_empty(0)
+    grad_weight, grad_weight2 = (
+        _channel_sums(partial, along_rows, num_channels, like) if partial is not None else saved.new_empty(0)
+        for partial, like in ((partial_weight, weight), (partial_weight2, weight2))
     )
-    return grad_x, grad_bias, grad_weight
+    return grad_x, grad_bias, grad_weight, grad_weight2
 
 
 def gated(
-    gate: Tensor, up: Tensor, gate_bias: Tensor | None, up_bias: Tensor | None, activation: str, param: float
+    gate: Tensor,
+    up: Tensor,
+    gate_bias: Tensor | None,
+    up_bias: Tensor | None,
+    activation: str,
+    param: float,
+    param2: float,
+    gate_scale: float,
 ) -> Tensor:
     gate2, up2 = as_matrix(gate), as_matrix(up)
     num_rows, num_cols = gate2.shape
@@ -352,9 +375,9 @@ def gated(
     launch(
         gated_fwd_kernel, grid, gate.device,
         gate2, up2, vector_argument(gate_bias), vector_argument(up_bias), y, num_rows, num_cols,
-        gate2.stride(0), gate2.stride(1), up2.stride(0), up2.stride(1), param,
-        ACTIVATION=_activation_id(activation), FLAT=flat, VECTOR=vector, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps_for(block_m, block_n),
+        gate2.stride(0), gate2.stride(1), up2.stride(0), up2.stride(1), param, param2, gate_scale,
+        ACTIVATION=_activation_id(activation), SCALED_GATE=gate_scale != 1.0, FLAT=flat, VECTOR=vector,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
     return y
 
@@ -369,7 +392,8 @@ def gated_backward_into(
     up_bias: Tensor | None,
     activation: str,
     param: float,
-    saved_is_output: bool,
+    param2: float,
+    gate_scale: float,
     compute_grad_bias: bool,
     output: Tensor | None = None,
 ) -> Tensor | None:
@@ -397,8 +421,8 @@ def gated_backward_into(
         grad_y2, gate2, up2, vector_argument(gate_bias), vector_argument(up_bias), grad_gate, grad_up,
         None if output is None else as_matrix(output), partial_gate, partial_up,
         num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), gate2.stride(0), gate2.stride(1),
-        up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols, tiles_per_program, param,
-        ACTIVATION=_activation_id(activation), SAVED_IS_OUTPUT=saved_is_output, COMPUTE_GRAD_BIAS=compute_grad_bias,
+        up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols, tiles_per_program, param, param2, gate_scale,
+        ACTIVATION=_activation_id(activation), SCALED_GATE=gate_scale != 1.0, COMPUTE_GRAD_BIAS=compute_grad_bias,
         FLAT=flat, VECTOR=vector, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
     return partial.sum(0) if compute_grad_bias else None

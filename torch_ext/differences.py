@@ -76,11 +76,11 @@ class Unsupported:
 
 
 # --- the limits of the x * gate(x) activations --------------------------------------------------------
-# gelu, silu, swish, quick_gelu and mish are z * g(z) with a gate g that tends to 1 on one side and 0 on
-# the other (swish with a negative beta swaps the sides). PyTorch evaluates that product literally, so
-# -inf * 0 is NaN (and the tanh GELU's gradient 0 * inf, once z^2 overflows: past 1e19 in fp32, 1e154 in
-# float64); the function has a limit there, and fusedact returns it.
-_GATED_LIMIT_FUNCTIONS = ("gelu", "silu", "swish", "quick_gelu", "mish", "swiglu", "geglu")
+# gelu, silu, swish, quick_gelu, mish and hardswish are z * g(z) with a gate g that tends to 1 on one side
+# and 0 on the other (swish with a negative beta swaps the sides). PyTorch evaluates that product
+# literally, so -inf * 0 is NaN (and the tanh GELU's gradient 0 * inf, once z^2 overflows: past 1e19 in
+# fp32, 1e154 in float64); the function has a limit there, and fusedact returns it.
+_GATED_LIMIT_FUNCTIONS = ("gelu", "silu", "swish", "quick_gelu", "mish", "hardswish", "swiglu", "geglu")
 
 
 def _gate_limit(z: Tensor, params: dict) -> Tensor:
@@ -113,6 +113,23 @@ def _step_gradient(z: Tensor, reference: Optional[Tensor], grad_y: Tensor, param
     return grad_y.clone() if params.get("straight_through", False) else torch.zeros_like(grad_y)
 
 
+def _xielu_limit(z: Tensor, reference: Tensor, params: dict) -> Tensor:
+    """At -inf, alpha_n (expm1(z) - z) + beta z tends to (beta - alpha_n) z - alpha_n: +inf for alpha_n > beta
+    (always, for transformers' alpha_n = beta + softplus(raw)), -inf below, -alpha_n at equality."""
+    alpha_n = torch.as_tensor(params.get("alpha_n", 0.8), dtype=z.dtype).reshape(-1)
+    beta = params.get("beta", 0.5)
+    limit = torch.where(alpha_n > beta, torch.inf, torch.where(alpha_n < beta, -torch.inf, -alpha_n))
+    return torch.where((z == -torch.inf) & torch.isnan(reference), limit.to(z.device), reference)
+
+
+def _nan_gradient(z: Tensor, reference: Optional[Tensor], grad_y: Tensor, params: dict) -> Tensor:
+    return torch.where(torch.isnan(z), torch.nan, reference)
+
+
+def _nan_passes_gradient(z: Tensor, reference: Optional[Tensor], grad_y: Tensor, params: dict) -> Tensor:
+    return torch.where(torch.isnan(z), grad_y, reference)
+
+
 DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         name="limits",
@@ -126,6 +143,39 @@ DIFFERENCES: tuple[Difference, ...] = (
         "for an input the function is defined on",
         output_rule=_limit_output,
         gradient_rule=_limit_gradient,
+    ),
+    Difference(
+        name="xielu_limit",
+        functions=("xielu",),
+        summary="`xielu(-inf)` is its limit, +inf, where transformers' formula gives `inf - inf = NaN`",
+        pytorch="NaN: alpha_n (expm1(-inf) - (-inf)) + beta (-inf) = inf - inf",
+        fusedact="the limit of (beta - alpha_n) z - alpha_n: +inf (alpha_n > beta, as transformers' "
+        "beta + softplus(raw) always is)",
+        reason="the function has a limit there; a NaN would poison a whole row for an input it is defined on",
+        output_rule=_xielu_limit,
+    ),
+    Difference(
+        name="elu_nan_gradient",
+        functions=("elu", "selu", "celu"),
+        summary="the ELU family's gradient at a NaN input is NaN, where PyTorch's is NaN or `grad * scale` by its path",
+        pytorch="elu_backward gives NaN on its vectorized CPU path and grad * scale on its element-by-element "
+        "CPU path (short tensors, tails) and on CUDA",
+        fusedact="NaN on every backend and size: NaN in, NaN out",
+        reason="a result that changes with a tensor's length cannot be matched; NaN in, NaN out is the rule "
+        "everywhere else",
+        gradient_rule=_nan_gradient,
+    ),
+    Difference(
+        name="hard_nan_gradient",
+        functions=("hardtanh", "relu6", "hardswish"),
+        summary="hardtanh's, relu6's and hardswish's gradient at a NaN input is the incoming gradient (as "
+        "PyTorch's CUDA kernels'), where PyTorch's vectorized CPU kernels give 0 (hardtanh) or NaN (hardswish)",
+        pytorch="hardtanh_backward gives 0 vectorized and grad element by element (CPU) and on CUDA; "
+        "hardswish_backward NaN vectorized and grad element by element and on CUDA",
+        fusedact="the incoming gradient on every backend and size (as relu's, whose PyTorch paths all agree)",
+        reason="a result that changes with a tensor's length cannot be matched; this is the one PyTorch's "
+        "CUDA kernels and scalar paths give",
+        gradient_rule=_nan_passes_gradient,
     ),
     Difference(
         name="step_gradient",

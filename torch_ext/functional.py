@@ -61,11 +61,13 @@ def _channel_dim(x: Tensor, dim: int) -> int:
     return dim % ndim
 
 
-def _single(x: Tensor, bias: Optional[Tensor], activation: str, param: float, dim: int = -1) -> Tensor:
+def _single(
+    x: Tensor, bias: Optional[Tensor], activation: str, param: float = 0.0, param2: float = 0.0, dim: int = -1
+) -> Tensor:
     _check_input(x, "x")
     dim = _channel_dim(x, dim)
     _check_bias(bias, x, x.shape[dim] if x.dim() else 1, "bias", "x", dim)
-    return ops.run_bias_act(x, bias, None, activation, float(param), dim)
+    return ops.run_bias_act(x, bias, None, None, activation, float(param), float(param2), dim)
 
 
 def relu(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -106,7 +108,7 @@ def prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     width = x.shape[dim] if x.dim() else 1
     _check_bias(bias, x, width, "bias", "x", dim)
-    return ops.run_bias_act(x, bias, weight.reshape(-1), "leaky_relu", 0.0, dim)
+    return ops.run_bias_act(x, bias, weight.reshape(-1), None, "prelu", 0.0, 0.0, dim)
 
 
 def gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
@@ -172,6 +174,92 @@ def mish(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return _single(x, bias, "mish", 0.0)
 
 
+def hardtanh(x: Tensor, bias: Optional[Tensor] = None, min_val: float = -1.0, max_val: float = 1.0) -> Tensor:
+    """clamp(x + bias, min_val, max_val) (``F.hardtanh``); its gradient is 0 outside (min_val, max_val).
+
+    >>> x = torch.tensor([-2.0, 0.5, 3.0])
+    >>> fusedact.hardtanh(x, min_val=-1.0, max_val=2.0)
+    tensor([-1.0000,  0.5000,  2.0000])
+    """
+    if not min_val <= max_val:
+        raise ValueError(f"min_val ({min_val}) must not be greater than max_val ({max_val})")
+    return _single(x, bias, "hardtanh", min_val, max_val)
+
+
+def relu6(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """min(max(x + bias, 0), 6) (``F.relu6``: MobileNet v1/v2, EfficientNet-lite): ``hardtanh(x, bias, 0, 6)``."""
+    return _single(x, bias, "hardtanh", 0.0, 6.0)
+
+
+def hardswish(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """z * relu6(z + 3) / 6, z = x + bias (``F.hardswish``: MobileNetV3, LeViT).
+
+    Example: ``fusedact.hardswish(x, b)``."""
+    return _single(x, bias, "hardswish")
+
+
+def hardsigmoid(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """relu6(z + 3) / 6, z = x + bias (``F.hardsigmoid``: MobileNetV3's squeeze-excite gate)."""
+    return _single(x, bias, "hardsigmoid")
+
+
+def softplus(x: Tensor, bias: Optional[Tensor] = None, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """log(1 + exp(beta z)) / beta, z = x + bias, and z itself where beta z > threshold (``F.softplus``,
+    Mamba's dt). Example: ``fusedact.softplus(x, b, beta=2.0)``."""
+    if beta == 0:
+        raise ValueError("beta must not be 0 for softplus")
+    return _single(x, bias, "softplus", beta, threshold)
+
+
+def _xielu_parameter(value, name: str, x: Tensor, width: int) -> Tensor:
+    """A learned xIELU coefficient as the kernels read it: a tensor of 1 or ``width`` elements on x's device
+    (a float becomes one element in the compute dtype; a tensor keeps its dtype and its autograd graph)."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor or a float, got {value.dtype}")
+        if value.numel() not in (1, width) or value.dim() > 1:
+            raise ValueError(f"{name} must hold 1 or {width} values (x.shape[-1]), got shape {tuple(value.shape)}")
+        if value.device != x.device:
+            raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
+        return value.reshape(-1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.full((1,), float(value), dtype=dtype, device=x.device)
+
+
+def xielu(
+    x: Tensor,
+    bias: Optional[Tensor] = None,
+    alpha_p: Tensor | float = 0.8,
+    alpha_n: Tensor | float = 0.8,
+    beta: float = 0.5,
+    eps: float = -1e-6,
+) -> Tensor:
+    """xIELU (Apertus; arXiv:2411.13010), z = x + bias: ``alpha_p z^2 + beta z`` for z > 0, else
+    ``alpha_n (expm1(min(z, eps)) - z) + beta z``.
+
+    ``alpha_p``/``alpha_n`` are the coefficients themselves (transformers' ``XIELUActivation`` learns them
+    as ``softplus(raw)`` and ``beta + softplus(raw)``: ``fusedact.nn.XIELU`` does that): floats, or tensors
+    of one value or one per channel of the last dimension, any floating dtype, whose gradients the backward
+    kernel reduces with the bias gradient.
+
+        >>> x = torch.tensor([-2.0, 0.0, 1.5])
+        >>> y = fusedact.xielu(x, alpha_p=torch.tensor([0.8], requires_grad=True))
+    """
+    _check_input(x, "x")
+    width = x.shape[-1] if x.dim() else 1
+    _check_bias(bias, x, width, "bias", "x")
+    weights = [_xielu_parameter(value, name, x, width) for value, name in ((alpha_p, "alpha_p"), (alpha_n, "alpha_n"))]
+    if weights[0].numel() != weights[1].numel():  # the kernels lay both out alike: one per channel each
+        weights = [w.expand(width) for w in weights]
+    # beta and eps as the kernels hold them: fp32 numbers (the negative side sums in fp64 with beta in it)
+    beta, eps = float(beta), float(eps)
+    if x.dtype != torch.float64:
+        beta, eps = (float(torch.tensor(value, dtype=torch.float32)) for value in (beta, eps))
+    return ops.run_bias_act(x, bias, *weights, "xielu", beta, eps, x.dim() - 1 if x.dim() else 0)
+
+
 def heaviside(x: Tensor, bias: Optional[Tensor] = None, value: float = 0.0, straight_through: bool = False) -> Tensor:
     """The step: 1 where x + bias > 0, ``value`` where it is 0, else 0 (a NaN gives 0, as ``torch.heaviside``).
 
@@ -233,35 +321,50 @@ def _check_packed(x: Tensor, bias: Optional[Tensor]) -> None:
     _check_bias(bias, x, x.shape[-1], "bias", "x")
 
 
+def _gate_scale(gate_scale) -> float:
+    if isinstance(gate_scale, bool) or not isinstance(gate_scale, (int, float)):
+        raise TypeError(f"gate_scale must be a float, got {type(gate_scale).__name__}")
+    return float(gate_scale)
+
+
 def gated(
     gate: Tensor,
     up: Tensor,
     gate_bias: Optional[Tensor] = None,
     up_bias: Optional[Tensor] = None,
     activation: str = "silu",
+    gate_scale: float = 1.0,
     **params,
 ) -> Tensor:
-    """act(gate + gate_bias) * (up + up_bias) for any single-input activation: the GLU family.
+    """act(s (gate + gate_bias)) * (up + up_bias) for any single-input activation: the GLU family.
 
     ``gated(g, u)`` is SwiGLU, ``activation="gelu"`` GeGLU, ``"relu"`` ReGLU, ``"sigmoid"`` the original GLU.
+    ``gate_scale`` (s) multiplies the gate before the activation, in the kernel (Falcon-H1's
+    ``act(gate_proj(x) * gate_multiplier)``); its gradients are s act'(s z) up and act(s z).
     Example: ``fusedact.gated(gate, up, activation="gelu", approximate="tanh")``.
     """
     _check_gated(gate, up, gate_bias, up_bias)
-    kernel_activation, param = _resolve(activation, params)
-    return ops.run_gated(gate, up, gate_bias, up_bias, kernel_activation, param)
+    kernel_activation, param, param2 = _resolve(activation, params, gated=True)
+    return ops.run_gated(gate, up, gate_bias, up_bias, kernel_activation, param, param2, _gate_scale(gate_scale))
 
 
 def gated_packed(
-    x: Tensor, bias: Optional[Tensor] = None, activation: str = "silu", gate_first: bool = True, **params
+    x: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: str = "silu",
+    gate_first: bool = True,
+    gate_scale: float = 1.0,
+    **params,
 ) -> Tensor:
     """``gated`` on the two halves of ``x`` along the last dimension (width 2H -> H), read in place.
 
     ``gate_first=True``: ``x = [gate | up]`` (a fused gate_up projection); ``False``: ``[up | gate]``, the
-    layout of ``F.glu``. ``bias`` has length 2H and is split the same way.
+    layout of ``F.glu``. ``bias`` has length 2H and is split the same way; ``gate_scale`` as in ``gated``.
     """
     _check_packed(x, bias)
-    kernel_activation, param = _resolve(activation, params)
-    return ops.run_gated_packed(x, bias, kernel_activation, param, gate_first)
+    kernel_activation, param, param2 = _resolve(activation, params, gated=True)
+    scale = _gate_scale(gate_scale)
+    return ops.run_gated_packed(x, bias, kernel_activation, param, param2, scale, gate_first)
 
 
 def swiglu(gate: Tensor, up: Tensor, gate_bias: Optional[Tensor] = None, up_bias: Optional[Tensor] = None) -> Tensor:
@@ -319,44 +422,61 @@ def glu(x: Tensor, bias: Optional[Tensor] = None, dim: int = -1) -> Tensor:
     return gated_packed(x, bias, "sigmoid", gate_first=False)
 
 
-# Public name -> (kernel activation, function of the keyword parameters -> kernel parameter, accepted keywords)
+# Public name -> (kernel activation, function of the keyword parameters -> the kernel's (param, param2))
 _SINGLE_INPUT = {
-    "relu": ("relu", lambda: 0.0),
-    "leaky_relu": ("leaky_relu", lambda negative_slope=0.01: negative_slope),
+    "relu": ("relu", lambda: (0.0, 0.0)),
+    "leaky_relu": ("leaky_relu", lambda negative_slope=0.01: (negative_slope, 0.0)),
     "gelu": (None, None),  # resolved by `approximate`
-    "silu": ("swish", lambda: 1.0),
-    "swish": ("swish", lambda beta=1.0: beta),
-    "quick_gelu": ("swish", lambda: 1.702),
-    "sigmoid": ("sigmoid", lambda: 0.0),
-    "tanh": ("tanh", lambda: 0.0),
-    "elu": ("elu", lambda alpha=1.0: alpha),
-    "selu": ("selu", lambda: 0.0),
-    "celu": ("celu", lambda alpha=1.0: alpha),
-    "relu_squared": ("relu_squared", lambda: 0.0),
-    "mish": ("mish", lambda: 0.0),
+    "silu": ("swish", lambda: (1.0, 0.0)),
+    "swish": ("swish", lambda beta=1.0: (beta, 0.0)),
+    "quick_gelu": ("swish", lambda: (1.702, 0.0)),
+    "sigmoid": ("sigmoid", lambda: (0.0, 0.0)),
+    "tanh": ("tanh", lambda: (0.0, 0.0)),
+    "elu": ("elu", lambda alpha=1.0: (alpha, 0.0)),
+    "selu": ("selu", lambda: (0.0, 0.0)),
+    "celu": ("celu", lambda alpha=1.0: (alpha, 0.0)),
+    "relu_squared": ("relu_squared", lambda: (0.0, 0.0)),
+    "mish": ("mish", lambda: (0.0, 0.0)),
     "heaviside": (None, None),  # resolved by `straight_through`
+    "relu6": ("hardtanh", lambda: (0.0, 6.0)),
+    "hardtanh": ("hardtanh", lambda min_val=-1.0, max_val=1.0: (min_val, max_val)),
+    "hardswish": ("hardswish", lambda: (0.0, 0.0)),
+    "hardsigmoid": ("hardsigmoid", lambda: (0.0, 0.0)),
+    "softplus": ("softplus", lambda beta=1.0, threshold=20.0: (beta, threshold)),
+    "xielu": (None, None),  # learned parameters: fusedact.xielu (bias_act) and never a gate
 }
 _GATED_PACKED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "glu": "sigmoid"}
 ACTIVATIONS = tuple(_SINGLE_INPUT) + tuple(_GATED_PACKED)
+# Activations with learned parameters (tensors among their keywords): single-input only.
+LEARNED = frozenset({"xielu"})
 
 
-def _resolve(activation: str, params: dict) -> tuple[str, float]:
-    """Public activation name and keyword parameters -> (kernel activation, its float parameter)."""
-    if activation not in _SINGLE_INPUT:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(_SINGLE_INPUT)}")
+def _resolve(activation: str, params: dict, gated: bool = False) -> tuple[str, float, float]:
+    """Public activation name and keyword parameters -> (kernel activation, its two float parameters).
+    ``gated``: for a gate (an activation with learned parameters is not one)."""
+    if activation not in _SINGLE_INPUT or (gated and activation in LEARNED):
+        names = tuple(name for name in _SINGLE_INPUT if not (gated and name in LEARNED))
+        kind = "gate activation" if activation in _SINGLE_INPUT else "activation"
+        raise ValueError(f"unknown {kind} {activation!r}; expected one of {names}")
+    if activation in LEARNED:
+        raise ValueError(f"{activation} has learned parameters: call fusedact.{activation} or fusedact.bias_act")
     try:
         if activation == "gelu":
-            return _approximate_to_activation(_only(params, "approximate", "none")), 0.0
+            return _approximate_to_activation(_only(params, "approximate", "none")), 0.0, 0.0
         if activation == "heaviside":
             straight_through = _only(params, "straight_through", False, also=("value",))
-            return ("heaviside_ste" if straight_through else "heaviside"), float(params.get("value", 0.0))
-        kernel_activation, parameter = _SINGLE_INPUT[activation]
-        param = float(parameter(**params))
+            return ("heaviside_ste" if straight_through else "heaviside"), float(params.get("value", 0.0)), 0.0
+        kernel_activation, parameters = _SINGLE_INPUT[activation]
+        param, param2 = (float(value) for value in parameters(**params))
     except TypeError as error:
         raise TypeError(f"{activation}: {error}") from None
     if activation == "celu" and param == 0:
         raise ValueError("alpha must not be 0 for celu")
-    return kernel_activation, param
+    if activation == "softplus" and param == 0:
+        raise ValueError("beta must not be 0 for softplus")
+    if activation == "hardtanh" and not param <= param2:
+        raise ValueError(f"min_val ({param}) must not be greater than max_val ({param2})")
+    return kernel_activation, param, param2
 
 
 def _only(params: dict, name: str, default, also: tuple = ()):
@@ -384,5 +504,12 @@ def bias_act(x: Tensor, bias: Optional[Tensor], activation: str, dim: int = -1, 
             raise ValueError(f"gated activations split and bias the last dimension only, got dim={dim}")
         gate_first = activation != "glu"
         return gated_packed(x, bias, _GATED_PACKED[activation], gate_first=gate_first, **params)
-    kernel_activation, param = _resolve(activation, params)
-    return _single(x, bias, kernel_activation, param, dim)
+    if activation == "xielu":
+        if dim not in (-1, x.dim() - 1):
+            raise ValueError(f"xielu's bias and parameters run along the last dimension only, got dim={dim}")
+        try:
+            return xielu(x, bias, **params)
+        except TypeError as error:
+            raise TypeError(f"xielu: {error}") from None
+    kernel_activation, param, param2 = _resolve(activation, params)
+    return _single(x, bias, kernel_activation, param, param2, dim)

@@ -145,11 +145,11 @@ def _projected_shape(x: Tensor, matrix: Tensor) -> tuple[int, ...]:
 # The activation and its backward as the fused ops compute them, the forward output written again.
 
 
-def _gated_forward(gate, up, gate_bias, up_bias, activation: str, param: float) -> Tensor:
+def _gated_forward(gate, up, gate_bias, up_bias, activation: str, param: float, param2: float) -> Tensor:
     """``ops.gated``'s forward: act(gate + gate_bias) * (up + up_bias), contiguous."""
     if gate.numel() == 0:
         return _empty(gate.shape, gate)
-    return ops._backend(gate).gated(gate, up, gate_bias, up_bias, activation, param).contiguous()
+    return ops._backend(gate).gated(gate, up, gate_bias, up_bias, activation, param, param2, 1.0).contiguous()
 
 
 def _bias_grads(sums, gate_bias, up_bias, compute: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -173,6 +173,7 @@ def _gated_backward_recompute(
     up_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
     compute_grad_bias: bool,
     grad_gate: Tensor,
     grad_up: Tensor,
@@ -185,34 +186,40 @@ def _gated_backward_recompute(
     if gate.numel() == 0:
         return _bias_grads(None, gate_bias, up_bias, compute_grad_bias)
     backend = ops._backend(gate)
-    saved_is_output = ops.saves_output(activation, param)
     if backend is _fallback:
         gradients = _fallback.gated_backward(
-            grad_h, gate, up, gate_bias, up_bias, activation, param, saved_is_output, compute_grad_bias
+            grad_h, gate, up, gate_bias, up_bias, activation, param, param2, 1.0, compute_grad_bias
         )
         grad_gate.copy_(gradients[0])
         grad_up.copy_(gradients[1])
-        h.copy_(_fallback.gated(gate, up, gate_bias, up_bias, activation, param))
+        h.copy_(_fallback.gated(gate, up, gate_bias, up_bias, activation, param, param2, 1.0))
         return tuple(
             grad if (bias is not None and compute_grad_bias) else None
             for grad, bias in zip(gradients[2:], (gate_bias, up_bias), strict=True)
         )
     sums = backend.gated_backward_into(
         backend.as_matrix(grad_gate), backend.as_matrix(grad_up), grad_h, gate, up, gate_bias, up_bias,
-        activation, param, saved_is_output, compute_grad_bias, output=h,
+        activation, param, param2, 1.0, compute_grad_bias, output=h,
     )  # fmt: skip
     return _bias_grads(sums, gate_bias, up_bias, compute_grad_bias)
 
 
-def _single_forward(z: Tensor, bias: Optional[Tensor], activation: str, param: float) -> Tensor:
+def _single_forward(z: Tensor, bias: Optional[Tensor], activation: str, param: float, param2: float) -> Tensor:
     """``ops.bias_act``'s forward with the bias on the last dimension: act(z + bias), contiguous."""
     if z.numel() == 0:
         return _empty(z.shape, z)
-    return ops._backend(z).bias_act(z, bias, None, activation, param, z.dim() - 1).contiguous()
+    return ops._backend(z).bias_act(z, bias, None, None, activation, param, param2, z.dim() - 1).contiguous()
 
 
 def _single_backward_recompute(
-    grad_a: Tensor, z: Tensor, bias: Optional[Tensor], activation: str, param: float, compute: bool, a: Tensor
+    grad_a: Tensor,
+    z: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    param: float,
+    param2: float,
+    compute: bool,
+    a: Tensor,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``ops.bias_act_backward`` for a saved input ``z`` (bias on the last dimension), with ``a = act(z +
     bias)`` written again into ``a``, by the kernel or by the fallback's own forward. Returns (grad_z,
@@ -223,13 +230,13 @@ def _single_backward_recompute(
         return _empty(z.shape, z), zero
     backend, dim = ops._backend(z), z.dim() - 1
     if backend is _fallback:
-        grad_z, grad_bias, _ = _fallback.bias_act_backward(
-            grad_a, z, bias, None, activation, param, dim, False, compute, False
+        grad_z, grad_bias, _, _ = _fallback.bias_act_backward(
+            grad_a, z, bias, None, None, activation, param, param2, dim, False, compute, False
         )
-        a.copy_(_fallback.bias_act(z, bias, None, activation, param, dim))
+        a.copy_(_fallback.bias_act(z, bias, None, None, activation, param, param2, dim))
     else:
-        grad_z, grad_bias, _ = backend.bias_act_backward(
-            grad_a, z, bias, None, activation, param, dim, False, compute, False, output=a
+        grad_z, grad_bias, _, _ = backend.bias_act_backward(
+            grad_a, z, bias, None, None, activation, param, param2, dim, False, compute, False, output=a
         )
     return grad_z.contiguous(), (grad_bias if compute else None)
 
@@ -299,11 +306,12 @@ def _gated_mlp_impl(
     down_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out, gate, up) for [in, out] projection matrices (``weight.t()`` of an nn.Linear); ``gate`` and
     ``up`` are for the backward pass (the public functions return ``out`` only)."""
     gate, up = _project(x, w_gate), _project(x, w_up)
-    h = _gated_forward(gate, up, gate_bias, up_bias, activation, param)
+    h = _gated_forward(gate, up, gate_bias, up_bias, activation, param, param2)
     return _project(h, w_down, down_bias), gate, up
 
 
@@ -311,7 +319,7 @@ gated_mlp_op = torch.library.custom_op("fusedact::lean_gated_mlp", _gated_mlp_im
 
 
 @gated_mlp_op.register_fake
-def _(x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param):
+def _(x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param, param2):
     inner = _projected_shape(x, w_gate)
     return _empty(_projected_shape(x, w_down), x), _empty(inner, x), _empty(inner, x)
 
@@ -329,6 +337,7 @@ def _gated_mlp_backward_impl(
     down_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
     needs: Flags,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias) where ``needs`` asks for them.
@@ -341,7 +350,7 @@ def _gated_mlp_backward_impl(
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
     compute_bias = (need_gate_b and gate_bias is not None) or (need_up_b and up_bias is not None)
     grad_gate_bias, grad_up_bias = _gated_backward_recompute(
-        grad_h, gate, up, gate_bias, up_bias, activation, param, compute_bias, grad_gate, grad_up, h
+        grad_h, gate, up, gate_bias, up_bias, activation, param, param2, compute_bias, grad_gate, grad_up, h
     )
     del grad_h
     grad_w_down = _grad_matrix(grad2, _rows(h), w_down) if need_down_w else None
@@ -362,27 +371,27 @@ gated_mlp_backward_op = torch.library.custom_op(
 
 
 @gated_mlp_backward_op.register_fake
-def _(grad_out, x, gate, up, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param, needs):
+def _(grad_out, x, gate, up, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param, param2, needs):
     return _fake_grads(needs, (x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias))
 
 
-def _gated_mlp_reference(x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param) -> Tensor:
+def _gated_mlp_reference(x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param, param2) -> Tensor:
     """The gated block in differentiable PyTorch ops (the fallback's activation), for double backward."""
     gate, up = _project(x, w_gate), _project(x, w_up)
-    h = _fallback.gated(gate, up, gate_bias, up_bias, activation, param).contiguous()
+    h = _fallback.gated(gate, up, gate_bias, up_bias, activation, param, param2, 1.0).contiguous()
     return _project(h, w_down, down_bias)
 
 
 def _gated_mlp_backward_differentiable(
-    grad_out, x, gate, up, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param, needs
+    grad_out, x, gate, up, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param, param2, needs
 ):
     inputs = (x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias)
-    return _differentiable(_gated_mlp_reference, grad_out, inputs, (activation, param), needs)
+    return _differentiable(_gated_mlp_reference, grad_out, inputs, (activation, param, param2), needs)
 
 
 def _gated_mlp_setup_context(ctx, inputs, output):
-    x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param = inputs
-    ctx.activation, ctx.param = activation, param
+    x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation, param, param2 = inputs
+    ctx.activation, ctx.param, ctx.param2 = activation, param, param2
     _prepare_backward(ctx, output, x, output[1], output[2], w_gate, w_up, w_down, gate_bias, up_bias, down_bias)
 
 
@@ -390,11 +399,24 @@ def _gated_mlp_grad(ctx, grad_out, _grad_gate, _grad_up, backward):
     x, gate, up, w_gate, w_up, w_down, gate_bias, up_bias, down_bias = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:7])
     if grad_out is None:
-        return (None,) * 9
+        return (None,) * 10
     grads = backward(
-        grad_out, x, gate, up, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, ctx.activation, ctx.param, needs
+        grad_out,
+        x,
+        gate,
+        up,
+        w_gate,
+        w_up,
+        w_down,
+        gate_bias,
+        up_bias,
+        down_bias,
+        ctx.activation,
+        ctx.param,
+        ctx.param2,
+        needs,
     )
-    return _grads_for(needs, grads, 9)
+    return _grads_for(needs, grads, 10)
 
 
 run_gated_mlp = ops._entry(
@@ -426,11 +448,14 @@ def _gated_mlp_packed_impl(
     down_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
     gate_first: bool,
 ) -> tuple[Tensor, Tensor]:
     """(out, gate_up): ``ops.gated_packed`` between the projections; ``gate_up`` for the backward pass."""
     gate_up = _project(x, w_gate_up)
-    h = _gated_forward(*_halves(gate_up, gate_first), *_bias_halves(gate_up_bias, gate_first), activation, param)
+    h = _gated_forward(
+        *_halves(gate_up, gate_first), *_bias_halves(gate_up_bias, gate_first), activation, param, param2
+    )
     return _project(h, w_down, down_bias), gate_up
 
 
@@ -440,7 +465,7 @@ gated_mlp_packed_op = torch.library.custom_op(
 
 
 @gated_mlp_packed_op.register_fake
-def _(x, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, gate_first):
+def _(x, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, param2, gate_first):
     return _empty(_projected_shape(x, w_down), x), _empty(_projected_shape(x, w_gate_up), x)
 
 
@@ -454,6 +479,7 @@ def _gated_mlp_packed_backward_impl(
     down_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
     gate_first: bool,
     needs: Flags,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -468,7 +494,17 @@ def _gated_mlp_packed_backward_impl(
     grad_gate_up = torch.empty_like(gate_up)
     compute_bias = need_gate_up_b and gate_up_bias is not None
     grad_gate_bias, grad_up_bias = _gated_backward_recompute(
-        grad_h, gate, up, gate_bias, up_bias, activation, param, compute_bias, *_halves(grad_gate_up, gate_first), h
+        grad_h,
+        gate,
+        up,
+        gate_bias,
+        up_bias,
+        activation,
+        param,
+        param2,
+        compute_bias,
+        *_halves(grad_gate_up, gate_first),
+        h,
     )
     del grad_h
     grad_w_down = _grad_matrix(grad2, _rows(h), w_down) if need_down_w else None
@@ -489,26 +525,28 @@ gated_mlp_packed_backward_op = torch.library.custom_op(
 
 
 @gated_mlp_packed_backward_op.register_fake
-def _(grad_out, x, gate_up, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, gate_first, needs):
+def _(grad_out, x, gate_up, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, param2, gate_first, needs):
     return _fake_grads(needs, (x, w_gate_up, w_down, gate_up_bias, down_bias))
 
 
-def _gated_mlp_packed_reference(x, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, gate_first):
+def _gated_mlp_packed_reference(x, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, param2, gate_first):
     gate, up = _halves(_project(x, w_gate_up), gate_first)
-    h = _fallback.gated(gate, up, *_bias_halves(gate_up_bias, gate_first), activation, param).contiguous()
+    h = _fallback.gated(gate, up, *_bias_halves(gate_up_bias, gate_first), activation, param, param2, 1.0).contiguous()
     return _project(h, w_down, down_bias)
 
 
 def _gated_mlp_packed_backward_differentiable(
-    grad_out, x, gate_up, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, gate_first, needs
+    grad_out, x, gate_up, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, param2, gate_first, needs
 ):
     inputs = (x, w_gate_up, w_down, gate_up_bias, down_bias)
-    return _differentiable(_gated_mlp_packed_reference, grad_out, inputs, (activation, param, gate_first), needs)
+    return _differentiable(
+        _gated_mlp_packed_reference, grad_out, inputs, (activation, param, param2, gate_first), needs
+    )
 
 
 def _gated_mlp_packed_setup_context(ctx, inputs, output):
-    x, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, gate_first = inputs
-    ctx.activation, ctx.param, ctx.gate_first = activation, param, gate_first
+    x, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, param2, gate_first = inputs
+    ctx.activation, ctx.param, ctx.param2, ctx.gate_first = activation, param, param2, gate_first
     _prepare_backward(ctx, output, x, output[1], w_gate_up, w_down, gate_up_bias, down_bias)
 
 
@@ -516,12 +554,12 @@ def _gated_mlp_packed_grad(ctx, grad_out, _grad_gate_up, backward):
     x, gate_up, w_gate_up, w_down, gate_up_bias, down_bias = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if grad_out is None:
-        return (None,) * 8
+        return (None,) * 9
     grads = backward(
         grad_out, x, gate_up, w_gate_up, w_down, gate_up_bias, down_bias,
-        ctx.activation, ctx.param, ctx.gate_first, needs,
+        ctx.activation, ctx.param, ctx.param2, ctx.gate_first, needs,
     )  # fmt: skip
-    return _grads_for(needs, grads, 8)
+    return _grads_for(needs, grads, 9)
 
 
 run_gated_mlp_packed = ops._entry(
@@ -542,10 +580,11 @@ def _mlp_impl(
     second_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
 ) -> tuple[Tensor, Tensor]:
     """(out, z) with ``z = x @ M1`` (before the first bias), for the backward pass."""
     z = _project(x, w_first)
-    a = _single_forward(z, first_bias, activation, param)
+    a = _single_forward(z, first_bias, activation, param, param2)
     return _project(a, w_second, second_bias), z
 
 
@@ -553,7 +592,7 @@ mlp_op = torch.library.custom_op("fusedact::lean_mlp", _mlp_impl, mutates_args=(
 
 
 @mlp_op.register_fake
-def _(x, w_first, w_second, first_bias, second_bias, activation, param):
+def _(x, w_first, w_second, first_bias, second_bias, activation, param, param2):
     return _empty(_projected_shape(x, w_second), x), _empty(_projected_shape(x, w_first), x)
 
 
@@ -567,6 +606,7 @@ def _mlp_backward_impl(
     second_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
     needs: Flags,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, w_first, w_second, first_bias, second_bias) where ``needs`` asks for them."""
@@ -574,7 +614,9 @@ def _mlp_backward_impl(
     grad2 = _rows(grad_out)
     a = _empty(z.shape, z)  # the forward's act(z + b1), written by the activation backward
     grad_a = _grad_input(grad2, w_second, _rows(a)).reshape(z.shape)
-    grad_z, grad_first_bias = _single_backward_recompute(grad_a, z, first_bias, activation, param, need_first_b, a)
+    grad_z, grad_first_bias = _single_backward_recompute(
+        grad_a, z, first_bias, activation, param, param2, need_first_b, a
+    )
     del grad_a
     grad_w_second = _grad_matrix(grad2, _rows(a), w_second) if need_second_w else None
     del a
@@ -589,24 +631,26 @@ mlp_backward_op = torch.library.custom_op("fusedact::lean_mlp_backward", _mlp_ba
 
 
 @mlp_backward_op.register_fake
-def _(grad_out, x, z, w_first, w_second, first_bias, second_bias, activation, param, needs):
+def _(grad_out, x, z, w_first, w_second, first_bias, second_bias, activation, param, param2, needs):
     return _fake_grads(needs, (x, w_first, w_second, first_bias, second_bias))
 
 
-def _mlp_reference(x, w_first, w_second, first_bias, second_bias, activation, param) -> Tensor:
+def _mlp_reference(x, w_first, w_second, first_bias, second_bias, activation, param, param2) -> Tensor:
     z = _project(x, w_first)
-    a = _fallback.bias_act(z, first_bias, None, activation, param, z.dim() - 1).contiguous()
+    a = _fallback.bias_act(z, first_bias, None, None, activation, param, param2, z.dim() - 1).contiguous()
     return _project(a, w_second, second_bias)
 
 
-def _mlp_backward_differentiable(grad_out, x, z, w_first, w_second, first_bias, second_bias, activation, param, needs):
+def _mlp_backward_differentiable(
+    grad_out, x, z, w_first, w_second, first_bias, second_bias, activation, param, param2, needs
+):
     inputs = (x, w_first, w_second, first_bias, second_bias)
-    return _differentiable(_mlp_reference, grad_out, inputs, (activation, param), needs)
+    return _differentiable(_mlp_reference, grad_out, inputs, (activation, param, param2), needs)
 
 
 def _mlp_setup_context(ctx, inputs, output):
-    x, w_first, w_second, first_bias, second_bias, activation, param = inputs
-    ctx.activation, ctx.param = activation, param
+    x, w_first, w_second, first_bias, second_bias, activation, param, param2 = inputs
+    ctx.activation, ctx.param, ctx.param2 = activation, param, param2
     _prepare_backward(ctx, output, x, output[1], w_first, w_second, first_bias, second_bias)
 
 
@@ -614,9 +658,11 @@ def _mlp_grad(ctx, grad_out, _grad_z, backward):
     x, z, w_first, w_second, first_bias, second_bias = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if grad_out is None:
-        return (None,) * 7
-    grads = backward(grad_out, x, z, w_first, w_second, first_bias, second_bias, ctx.activation, ctx.param, needs)
-    return _grads_for(needs, grads, 7)
+        return (None,) * 8
+    grads = backward(
+        grad_out, x, z, w_first, w_second, first_bias, second_bias, ctx.activation, ctx.param, ctx.param2, needs
+    )
+    return _grads_for(needs, grads, 8)
 
 
 run_mlp = ops._entry(
@@ -725,7 +771,7 @@ def gated_mlp(
         >>> out = fusedact.mlp.gated_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
     """
     _check_x(x)
-    kernel_activation, param = functional._resolve(activation, params)
+    kernel_activation, param, param2 = functional._resolve(activation, params)
     dtype = _autocast_dtype(x)
     x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias = (
         _cast(t, dtype) for t in (x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
@@ -743,17 +789,28 @@ def gated_mlp(
     _check_bias(up_bias, "up_bias", intermediate, x, "gate_weight.shape[0]")
     _check_bias(down_bias, "down_bias", down_weight.shape[0], x, "down_weight.shape[0]")
     return _gated_mlp(
-        x, gate_weight.t(), up_weight.t(), down_weight.t(), gate_bias, up_bias, down_bias, kernel_activation, param
+        x,
+        gate_weight.t(),
+        up_weight.t(),
+        down_weight.t(),
+        gate_bias,
+        up_bias,
+        down_bias,
+        kernel_activation,
+        param,
+        param2,
     )
 
 
-def _gated_mlp(x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation: str, param: float) -> Tensor:
+def _gated_mlp(
+    x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias, activation: str, param: float, param2: float
+) -> Tensor:
     """The checked gated block on [in, out] matrices: lean, or the plain fused path where it cannot be."""
     tensors = (x, w_gate, w_up, w_down, gate_bias, up_bias, down_bias)
     if _plain(*tensors) and _folds(x, w_gate, w_up):
-        return _squeezed(run_gated_mlp, *tensors, activation, param)
+        return _squeezed(run_gated_mlp, *tensors, activation, param, param2)
     # A DTensor (tensor parallelism) or other subclass: its own dispatch runs each op.
-    h = ops.run_gated(x @ w_gate, x @ w_up, gate_bias, up_bias, activation, param)
+    h = ops.run_gated(x @ w_gate, x @ w_up, gate_bias, up_bias, activation, param, param2, 1.0)
     return F.linear(h, w_down.t(), down_bias)
 
 
@@ -774,7 +831,7 @@ def gated_mlp_packed(
         >>> out = fusedact.mlp.gated_mlp_packed(x, mlp.gate_up_proj.weight, mlp.down_proj.weight)
     """
     _check_x(x)
-    kernel_activation, param = functional._resolve(activation, params)
+    kernel_activation, param, param2 = functional._resolve(activation, params)
     dtype = _autocast_dtype(x)
     x, gate_up_weight, down_weight, gate_up_bias, down_bias = (
         _cast(t, dtype) for t in (x, gate_up_weight, down_weight, gate_up_bias, down_bias)
@@ -791,15 +848,23 @@ def gated_mlp_packed(
     _check_bias(gate_up_bias, "gate_up_bias", width, x, "gate_up_weight.shape[0]")
     _check_bias(down_bias, "down_bias", down_weight.shape[0], x, "down_weight.shape[0]")
     return _gated_mlp_packed(
-        x, gate_up_weight.t(), down_weight.t(), gate_up_bias, down_bias, kernel_activation, param, bool(gate_first)
+        x,
+        gate_up_weight.t(),
+        down_weight.t(),
+        gate_up_bias,
+        down_bias,
+        kernel_activation,
+        param,
+        param2,
+        bool(gate_first),
     )
 
 
-def _gated_mlp_packed(x, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, gate_first) -> Tensor:
+def _gated_mlp_packed(x, w_gate_up, w_down, gate_up_bias, down_bias, activation, param, param2, gate_first) -> Tensor:
     tensors = (x, w_gate_up, w_down, gate_up_bias, down_bias)
     if _plain(*tensors) and _folds(x, w_gate_up):
-        return _squeezed(run_gated_mlp_packed, *tensors, activation, param, gate_first)
-    h = ops.run_gated_packed(x @ w_gate_up, gate_up_bias, activation, param, gate_first)
+        return _squeezed(run_gated_mlp_packed, *tensors, activation, param, param2, gate_first)
+    h = ops.run_gated_packed(x @ w_gate_up, gate_up_bias, activation, param, param2, 1.0, gate_first)
     return F.linear(h, w_down.t(), down_bias)
 
 
@@ -823,7 +888,7 @@ def mlp(
         >>> out = fusedact.mlp.mlp(x, fc1.weight, fc2.weight, fc1.bias, fc2.bias, "gelu", approximate="tanh")
     """
     _check_x(x)
-    kernel_activation, param = functional._resolve(activation, params)
+    kernel_activation, param, param2 = functional._resolve(activation, params)
     dtype = _autocast_dtype(x)
     x, fc1_weight, fc2_weight, fc1_bias, fc2_bias = (
         _cast(t, dtype) for t in (x, fc1_weight, fc2_weight, fc1_bias, fc2_bias)
@@ -838,15 +903,17 @@ def mlp(
     _check_weight(fc2_weight, "fc2_weight", (fc2_weight.shape[0], intermediate), x, "[out, fc1_weight.shape[0]]")
     _check_bias(fc1_bias, "fc1_bias", intermediate, x, "fc1_weight.shape[0]")
     _check_bias(fc2_bias, "fc2_bias", fc2_weight.shape[0], x, "fc2_weight.shape[0]")
-    return _mlp(x, fc1_weight.t(), fc2_weight.t(), fc1_bias, fc2_bias, kernel_activation, param)
+    return _mlp(x, fc1_weight.t(), fc2_weight.t(), fc1_bias, fc2_bias, kernel_activation, param, param2)
 
 
-def _mlp(x, w_first, w_second, first_bias, second_bias, activation: str, param: float) -> Tensor:
+def _mlp(x, w_first, w_second, first_bias, second_bias, activation: str, param: float, param2: float) -> Tensor:
     tensors = (x, w_first, w_second, first_bias, second_bias)
     if not ops.saves_output(activation, param) and _plain(*tensors) and _folds(x, w_first):
-        return _squeezed(run_mlp, *tensors, activation, param)
+        return _squeezed(run_mlp, *tensors, activation, param, param2)
     z = x @ w_first
-    return F.linear(ops.run_bias_act(z, first_bias, None, activation, param, z.dim() - 1), w_second.t(), second_bias)
+    return F.linear(
+        ops.run_bias_act(z, first_bias, None, None, activation, param, param2, z.dim() - 1), w_second.t(), second_bias
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -940,8 +1007,8 @@ def gated_mlp_of(
         biases = (None if gate_bias_of is None else gate_bias_of.bias, None if up_bias_of is None else up_bias_of.bias)
         lean = _lean_call(x, layers, biases)
         if lean is not None:
-            kernel_activation, param = functional._resolve(activation, params)
-            return _gated_mlp(*lean, kernel_activation, param)
+            kernel_activation, param, param2 = functional._resolve(activation, params)
+            return _gated_mlp(*lean, kernel_activation, param, param2)
     gate, up = gate_proj(x), up_proj(x)
     h = functional.gated(gate, up, _kernel_bias(gate_bias_of, gate), _kernel_bias(up_bias_of, up), activation, **params)
     return down_proj(h)
@@ -998,8 +1065,8 @@ def gated_mlp_packed_of(
     if _saves() and lean_layer(gate_up_proj, bias_of, True):
         lean = _lean_call(x, (gate_up_proj, down_proj), (None if bias_of is None else bias_of.bias,), packed=True)
         if lean is not None:
-            kernel_activation, param = functional._resolve(activation, params)
-            return _gated_mlp_packed(*lean, kernel_activation, param, bool(gate_first))
+            kernel_activation, param, param2 = functional._resolve(activation, params)
+            return _gated_mlp_packed(*lean, kernel_activation, param, param2, bool(gate_first))
     packed = gate_up_proj(x)
     h = functional.gated_packed(packed, _kernel_bias(bias_of, packed), activation, gate_first, **params)
     return down_proj(h)
@@ -1020,11 +1087,11 @@ def mlp_of(
 
         >>> out = fusedact.mlp.mlp_of(x, block.c_fc, block.c_proj, "gelu", bias_of=block.c_fc, approximate="tanh")
     """
-    kernel_activation, param = functional._resolve(activation, params)
+    kernel_activation, param, param2 = functional._resolve(activation, params)
     if _saves() and not ops.saves_output(kernel_activation, param) and lean_layer(fc1, bias_of, True):
         lean = _lean_call(x, (fc1, fc2), (None if bias_of is None else bias_of.bias,))
         if lean is not None:
-            return _mlp(*lean, kernel_activation, param)
+            return _mlp(*lean, kernel_activation, param, param2)
     z = fc1(x)
     return fc2(functional.bias_act(z, _kernel_bias(bias_of, z), activation, **params))
 
@@ -1093,41 +1160,44 @@ def register_dtensor_sharding() -> None:
     aten = torch.ops.fusedact
 
     @register_sharding(aten.bias_act.default)
-    def _(x, bias, weight, activation, param, dim):
-        return _per_element_strategies(
-            (x, bias, weight, activation, param, dim), ("x", "channel", "channel", "", "", ""), ("x",), dim, bool
-        )
+    def _(x, bias, weight, weight2, activation, param, param2, dim):
+        args = (x, bias, weight, weight2, activation, param, param2, dim)
+        return _per_element_strategies(args, ("x", "channel", "channel", "channel", "", "", "", ""), ("x",), dim, bool)
 
     @register_sharding(aten.bias_act_backward.default)
-    def _(grad_y, saved, bias, weight, activation, param, dim, saved_is_output, compute_bias, compute_weight):
-        args = (grad_y, saved, bias, weight, activation, param, dim, saved_is_output, compute_bias, compute_weight)
-        roles = ("x", "x", "channel", "channel", "", "", "", "", "", "")
-        return _per_element_strategies(args, roles, ("x", "channel", "channel"), dim, bool)
+    def _(grad_y, saved, bias, weight, weight2, activation, param, param2, dim, saved_is_output, compute_bias,
+          compute_weight):  # fmt: skip
+        args = (grad_y, saved, bias, weight, weight2, activation, param, param2, dim, saved_is_output, compute_bias,
+                compute_weight)  # fmt: skip
+        roles = ("x", "x", "channel", "channel", "channel", "", "", "", "", "", "", "")
+        return _per_element_strategies(args, roles, ("x", "channel", "channel", "channel"), dim, bool)
 
     def last(t):
         return t.ndim - 1
 
     @register_sharding(aten.gated.default)
-    def _(gate, up, gate_bias, up_bias, activation, param):
-        args = (gate, up, gate_bias, up_bias, activation, param)
-        return _per_element_strategies(args, ("x", "x", "channel", "channel", "", ""), ("x",), last(gate), bool)
+    def _(gate, up, gate_bias, up_bias, activation, param, param2, gate_scale):
+        args = (gate, up, gate_bias, up_bias, activation, param, param2, gate_scale)
+        roles = ("x", "x", "channel", "channel", "", "", "", "")
+        return _per_element_strategies(args, roles, ("x",), last(gate), bool)
 
     @register_sharding(aten.gated_backward.default)
-    def _(grad_y, gate, up, gate_bias, up_bias, activation, param, compute_bias):
-        args = (grad_y, gate, up, gate_bias, up_bias, activation, param, compute_bias)
-        roles = ("x", "x", "x", "channel", "channel", "", "", "")
+    def _(grad_y, gate, up, gate_bias, up_bias, activation, param, param2, gate_scale, compute_bias):
+        args = (grad_y, gate, up, gate_bias, up_bias, activation, param, param2, gate_scale, compute_bias)
+        roles = ("x", "x", "x", "channel", "channel", "", "", "", "", "")
         return _per_element_strategies(args, roles, ("x", "x", "channel", "channel"), last(gate), bool)
 
     # Packed [gate | up]: a shard of the last dimension is not [gate shard | up shard], so not there.
     @register_sharding(aten.gated_packed.default)
-    def _(x, bias, activation, param, gate_first):
-        args = (x, bias, activation, param, gate_first)
-        return _per_element_strategies(args, ("x", "channel", "", "", ""), ("x",), last(x), lambda d: d != last(x))
+    def _(x, bias, activation, param, param2, gate_scale, gate_first):
+        args = (x, bias, activation, param, param2, gate_scale, gate_first)
+        roles = ("x", "channel", "", "", "", "", "")
+        return _per_element_strategies(args, roles, ("x",), last(x), lambda d: d != last(x))
 
     @register_sharding(aten.gated_packed_backward.default)
-    def _(grad_y, x, bias, activation, param, gate_first, compute_bias):
-        args = (grad_y, x, bias, activation, param, gate_first, compute_bias)
-        roles = ("x", "x", "channel", "", "", "", "")
+    def _(grad_y, x, bias, activation, param, param2, gate_scale, gate_first, compute_bias):
+        args = (grad_y, x, bias, activation, param, param2, gate_scale, gate_first, compute_bias)
+        roles = ("x", "x", "channel", "", "", "", "", "", "")
         return _per_element_strategies(args, roles, ("x", "channel"), last(x), lambda d: d != last(x))
 
     # Softmax: per row along its own dim, which is never split (a shard would normalize over part of the

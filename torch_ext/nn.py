@@ -1,9 +1,11 @@
 """``nn.Module``s: drop-in twins of ``torch.nn`` activations, plus modules that own a fused bias.
 
 ``ReLU``, ``LeakyReLU``, ``GELU``, ``SiLU``, ``Sigmoid``, ``Tanh``, ``ELU``, ``SELU``, ``CELU``, ``Mish``,
-``GLU``, ``PReLU``, ``Softmax`` and ``LogSoftmax`` subclass their ``torch.nn`` twins: same constructor
-arguments, ``extra_repr``, ``state_dict`` (empty, or PReLU's ``weight``) and ``isinstance`` checks; only
-``forward`` runs the fused kernel. ``Swish``, ``ReLUSquared``, ``QuickGELU``, ``Heaviside``, ``SwiGLU``,
+``GLU``, ``PReLU``, ``ReLU6``, ``Hardtanh``, ``Hardswish``, ``Hardsigmoid``, ``Softplus``, ``Softmax`` and
+``LogSoftmax`` subclass their ``torch.nn`` twins: same constructor arguments, ``extra_repr``, ``state_dict``
+(empty, or PReLU's ``weight``) and ``isinstance`` checks; only ``forward`` runs the fused kernel. ``XIELU``
+mirrors transformers' ``XIELUActivation`` (Apertus): same constructor, parameters and buffers, so a
+``state_dict`` loads either way. ``Swish``, ``ReLUSquared``, ``QuickGELU``, ``Heaviside``, ``SwiGLU``,
 ``GeGLU`` and ``ReGLU`` have no ``torch.nn`` twin; ``BiasAct`` owns a bias. ``inplace=True`` is accepted
 for compatibility but the result is always a new tensor (the fused kernel writes its own output), so code
 that uses the returned value behaves the same.
@@ -72,6 +74,94 @@ class CELU(torch.nn.CELU):
 class Mish(torch.nn.Mish):
     def forward(self, input: Tensor) -> Tensor:
         return F.mish(input)
+
+
+class ReLU6(torch.nn.ReLU6):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.relu6(input)
+
+
+class Hardtanh(torch.nn.Hardtanh):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.hardtanh(input, min_val=self.min_val, max_val=self.max_val)
+
+
+class Hardswish(torch.nn.Hardswish):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.hardswish(input)
+
+
+class Hardsigmoid(torch.nn.Hardsigmoid):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.hardsigmoid(input)
+
+
+class Softplus(torch.nn.Softplus):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.softplus(input, beta=self.beta, threshold=self.threshold)
+
+
+class XIELU(torch.nn.Module):
+    """xIELU with learned ``alpha_p``, ``alpha_n``, as transformers' ``XIELUActivation`` (Apertus): the same
+    constructor, ``Parameter``s ``alpha_p``, ``alpha_n`` (raw: the coefficients are ``softplus(alpha_p)``
+    and ``beta + softplus(alpha_n)``) and buffers ``beta``, ``eps``, so its ``state_dict`` loads into either
+    class. The coefficients are computed in PyTorch (two elements, differentiable); the kernel adds their
+    gradients up in the same backward pass as the input's.
+
+    ``beta`` and ``eps`` are fixed, as in transformers, whose CUDA path keeps them as Python floats too:
+    their values (the buffers', rounded to the buffers' dtype as transformers' Python path uses them) are
+    read when the module is built, loads a ``state_dict`` or changes dtype, never per call (no host sync).
+
+        >>> act = fusedact.nn.XIELU(dtype=torch.float32)
+        >>> y = act(torch.randn(4, 8))  # act.alpha_p.grad, act.alpha_n.grad after backward
+    """
+
+    def __init__(
+        self,
+        alpha_p_init: float = 0.8,
+        alpha_n_init: float = 0.8,
+        beta: float = 0.5,
+        eps: float = -1e-6,
+        dtype: Optional[torch.dtype] = torch.bfloat16,
+        with_vector_loads: bool = False,
+    ) -> None:
+        super().__init__()
+        self.alpha_p = torch.nn.Parameter(torch.log(torch.expm1(torch.tensor(alpha_p_init, dtype=dtype))).unsqueeze(0))
+        self.alpha_n = torch.nn.Parameter(
+            torch.log(torch.expm1(torch.tensor(alpha_n_init - beta, dtype=dtype))).unsqueeze(0)
+        )
+        self.register_buffer("beta", torch.tensor(beta, dtype=dtype))
+        self.register_buffer("eps", torch.tensor(eps, dtype=dtype))
+        self.with_vector_loads = with_vector_loads
+        # The buffers' values as floats, rounded to their dtype on the CPU (whatever the default device).
+        self._beta_scalar, self._eps_scalar = (float(torch.tensor(v, dtype=dtype, device="cpu")) for v in (beta, eps))
+
+    def _refresh_scalars(self, beta: Tensor, eps: Tensor) -> None:
+        if not (beta.is_meta or eps.is_meta):
+            self._beta_scalar, self._eps_scalar = float(beta), float(eps)
+
+    def _apply(self, fn, *args, **kwargs):
+        # A dtype change rounds the buffers: the floats follow, computed on the CPU (no device read).
+        before = (self._beta_scalar, self._eps_scalar)
+        module = super()._apply(fn, *args, **kwargs)
+        self._beta_scalar, self._eps_scalar = (
+            float(torch.tensor(value, dtype=buffer.dtype))
+            for value, buffer in zip(before, (self.beta, self.eps), strict=True)
+        )
+        return module
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_scalars(self.beta, self.eps)  # one read per load, of the loaded (fixed) values
+
+    def coefficients(self) -> tuple[Tensor, Tensor]:
+        """(alpha_p, alpha_n) = (softplus(self.alpha_p), beta + softplus(self.alpha_n)), as transformers."""
+        softplus = torch.nn.functional.softplus
+        return softplus(self.alpha_p), self.beta + softplus(self.alpha_n)
+
+    def forward(self, input: Tensor) -> Tensor:
+        alpha_p, alpha_n = self.coefficients()
+        return F.xielu(input, alpha_p=alpha_p, alpha_n=alpha_n, beta=self._beta_scalar, eps=self._eps_scalar)
 
 
 class GLU(torch.nn.GLU):

@@ -8,8 +8,10 @@ Dispatch: CUDA tensors run the Triton kernels; fp64 tensors run the fallback; CP
 fallback, or the Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
 fusedact was imported (see ``set_cpu_backend``). Both paths return contiguous outputs.
 
-Ops take the kernel-level activation names of ``fusedact.kernels.ACTIVATIONS`` and one float parameter;
-``functional.py`` validates user input and maps the public API onto them.
+Ops take the kernel-level activation names of ``fusedact.kernels.ACTIVATIONS``, the activation's two float
+parameters (``param``, ``param2``: every op takes both, used or not), the single-input ops its learned ones
+(``weight``, ``weight2``: PReLU's slope, xIELU's alpha_p and alpha_n) and the gated ops a scale on the gate
+(``gate_scale``); ``functional.py`` validates user input and maps the public API onto them.
 """
 
 import functools
@@ -87,8 +89,9 @@ _SAVES_OUTPUT = frozenset({"relu", "leaky_relu", "sigmoid", "tanh"})
 
 
 def saves_output(activation: str, param: float) -> bool:
-    """Whether ``activation``'s backward reads its output (else its input). A negative leaky slope makes
-    the output's sign ambiguous, so leaky_relu then keeps its input."""
+    """Whether ``activation``'s backward (in ``bias_act``) reads its output (else its input). A negative leaky
+    slope makes the output's sign ambiguous, so leaky_relu then keeps its input. (The gated ops keep their
+    inputs whatever the activation.)"""
     if activation == "leaky_relu":
         return param >= 0
     return activation in _SAVES_OUTPUT
@@ -220,14 +223,22 @@ def _entry(
 
 
 def _bias_act_impl(
-    x: Tensor, bias: Optional[Tensor], weight: Optional[Tensor], activation: str, param: float, dim: int
+    x: Tensor,
+    bias: Optional[Tensor],
+    weight: Optional[Tensor],
+    weight2: Optional[Tensor],
+    activation: str,
+    param: float,
+    param2: float,
+    dim: int,
 ) -> Tensor:
     """act(x + bias) with ``bias`` along dimension ``dim`` (``x.dim() - 1`` for a Linear, 1 for NCHW).
-    ``weight``: the activation's parameter per channel along the same dimension (PReLU's slope, one or
-    C of them), or None to use ``param``. The result is contiguous, or channels-last like ``x``."""
+    ``weight``, ``weight2``: the activation's learned parameters along the same dimension (C of them, or
+    one shared by all: PReLU's slope; xIELU's alpha_p and alpha_n), or None. The result is contiguous, or
+    channels-last like ``x``."""
     if x.numel() == 0:
         return _channels.empty_output(x, dim)
-    return _in_layout(_backend(x).bias_act(x, bias, weight, activation, param, dim), x, dim)
+    return _in_layout(_backend(x).bias_act(x, bias, weight, weight2, activation, param, param2, dim), x, dim)
 
 
 def _in_layout(result: Tensor, x: Tensor, dim: int) -> Tensor:
@@ -242,7 +253,7 @@ bias_act = torch.library.custom_op("fusedact::bias_act", _bias_act_impl, mutates
 
 
 @bias_act.register_fake
-def _(x, bias, weight, activation, param, dim):
+def _(x, bias, weight, weight2, activation, param, param2, dim):
     return _channels.empty_output(x, dim)
 
 
@@ -251,57 +262,66 @@ def _bias_act_backward_impl(
     saved: Tensor,
     bias: Optional[Tensor],
     weight: Optional[Tensor],
+    weight2: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
     dim: int,
     saved_is_output: bool,
     compute_grad_bias: bool,
     compute_grad_weight: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_bias, grad_weight); a parameter's gradient is empty unless asked for and given."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_bias, grad_weight, grad_weight2); a parameter's gradient is empty unless asked for and
+    given (``compute_grad_weight`` asks for both learned parameters')."""
     if saved.numel() == 0:
         return (
             _channels.empty_output(saved, dim),
             _bias_grad_like(bias, compute_grad_bias, saved).zero_(),
             _bias_grad_like(weight, compute_grad_weight, saved).zero_(),
+            _bias_grad_like(weight2, compute_grad_weight, saved).zero_(),
         )
-    grad_x, grad_bias, grad_weight = _backend(saved).bias_act_backward(
-        grad_y, saved, bias, weight, activation, param, dim, saved_is_output, compute_grad_bias, compute_grad_weight
-    )
-    return _in_layout(grad_x, saved, dim), grad_bias, grad_weight
+    grad_x, grad_bias, grad_weight, grad_weight2 = _backend(saved).bias_act_backward(
+        grad_y, saved, bias, weight, weight2, activation, param, param2, dim,
+        saved_is_output, compute_grad_bias, compute_grad_weight,
+    )  # fmt: skip
+    return _in_layout(grad_x, saved, dim), grad_bias, grad_weight, grad_weight2
 
 
 bias_act_backward = torch.library.custom_op("fusedact::bias_act_backward", _bias_act_backward_impl, mutates_args=())
 
 
 @bias_act_backward.register_fake
-def _(grad_y, saved, bias, weight, activation, param, dim, saved_is_output, compute_grad_bias, compute_grad_weight):
+def _(grad_y, saved, bias, weight, weight2, activation, param, param2, dim, saved_is_output, compute_grad_bias,
+      compute_grad_weight):  # fmt: skip
     return (
         _channels.empty_output(saved, dim),
         _bias_grad_like(bias, compute_grad_bias, saved),
         _bias_grad_like(weight, compute_grad_weight, saved),
+        _bias_grad_like(weight2, compute_grad_weight, saved),
     )
 
 
 def _bias_act_setup_context(ctx, inputs, output):
-    x, bias, weight, activation, param, dim = inputs
-    ctx.activation, ctx.param, ctx.dim = activation, param, dim
-    ctx.saved_is_output = weight is None and saves_output(activation, param)
-    ctx.save_for_backward(*_for_backward(output if ctx.saved_is_output else x, bias, weight))
+    x, bias, weight, weight2, activation, param, param2, dim = inputs
+    ctx.activation, ctx.param, ctx.param2, ctx.dim = activation, param, param2, dim
+    ctx.saved_is_output = saves_output(activation, param)
+    ctx.save_for_backward(*_for_backward(output if ctx.saved_is_output else x, bias, weight, weight2))
 
 
 def _bias_act_grad(ctx, grad_y, backward):
-    saved, bias, weight = ctx.saved_tensors
+    saved, bias, weight, weight2 = ctx.saved_tensors
     compute_grad_bias = bias is not None and ctx.needs_input_grad[1]
-    compute_grad_weight = weight is not None and ctx.needs_input_grad[2]
-    grad_x, grad_bias, grad_weight = backward(
-        grad_y, saved, bias, weight, ctx.activation, ctx.param,
-        ctx.dim, ctx.saved_is_output, compute_grad_bias, compute_grad_weight,
+    wanted = [w is not None and needed for w, needed in zip((weight, weight2), ctx.needs_input_grad[2:4], strict=True)]
+    grad_x, grad_bias, grad_weight, grad_weight2 = backward(
+        grad_y, saved, bias, weight, weight2, ctx.activation, ctx.param, ctx.param2,
+        ctx.dim, ctx.saved_is_output, compute_grad_bias, any(wanted),
     )  # fmt: skip
     return (
         grad_x,
         grad_bias if compute_grad_bias else None,
-        grad_weight if compute_grad_weight else None,
+        grad_weight if wanted[0] else None,
+        grad_weight2 if wanted[1] else None,
+        None,
         None,
         None,
         None,
@@ -325,27 +345,30 @@ def _gated_impl(
     up_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
+    gate_scale: float,
 ) -> Tensor:
-    """act(gate + gate_bias) * (up + up_bias) for two tensors of one shape."""
+    """act(s (gate + gate_bias)) * (up + up_bias) for two tensors of one shape, s = ``gate_scale``."""
     if gate.numel() == 0:
         return _empty_like(gate)
-    return _backend(gate).gated(gate, up, gate_bias, up_bias, activation, param).contiguous()
+    return _backend(gate).gated(gate, up, gate_bias, up_bias, activation, param, param2, gate_scale).contiguous()
 
 
 gated = torch.library.custom_op("fusedact::gated", _gated_impl, mutates_args=())
 
 
 @gated.register_fake
-def _(gate, up, gate_bias, up_bias, activation, param):
+def _(gate, up, gate_bias, up_bias, activation, param, param2, gate_scale):
     return _empty_like(gate)
 
 
-def _gated_backward_triton(grad_gate, grad_up, grad_y, gate, up, gate_bias, up_bias, activation, param, compute):
+def _gated_backward_triton(grad_gate, grad_up, grad_y, gate, up, gate_bias, up_bias, activation, param, param2,
+                           gate_scale, compute):  # fmt: skip
     """Run the gated backward kernel into two [M, N] destinations; return (grad_gate_bias, grad_up_bias)
     fp32 sums, or (None, None)."""
     sums = _triton.gated_backward_into(
         _triton.as_matrix(grad_gate), _triton.as_matrix(grad_up), grad_y, gate, up,
-        gate_bias, up_bias, activation, param, saves_output(activation, param), compute,
+        gate_bias, up_bias, activation, param, param2, gate_scale, compute,
     )  # fmt: skip
     return (None, None) if sums is None else (sums[0], sums[1])
 
@@ -364,11 +387,13 @@ def _gated_backward_differentiable(
     up_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
+    gate_scale: float,
     compute_grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``_gated_backward_impl`` through the fallback, in differentiable PyTorch ops (also its double backward)."""
     return _fallback.gated_backward(
-        grad_y, gate, up, gate_bias, up_bias, activation, param, saves_output(activation, param), compute_grad_bias
+        grad_y, gate, up, gate_bias, up_bias, activation, param, param2, gate_scale, compute_grad_bias
     )
 
 
@@ -380,6 +405,8 @@ def _gated_backward_impl(
     up_bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
+    gate_scale: float,
     compute_grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_gate, grad_up, grad_gate_bias, grad_up_bias); a bias gradient is empty where not computed."""
@@ -392,12 +419,23 @@ def _gated_backward_impl(
                 _bias_grad_like(up_bias, compute_grad_bias, up).zero_(),
             )
         outputs = _gated_backward_differentiable(
-            grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
+            grad_y, gate, up, gate_bias, up_bias, activation, param, param2, gate_scale, compute_grad_bias
         )
         return tuple(t.contiguous() for t in outputs)
     grad_gate, grad_up = _empty_like(gate), _empty_like(up)
     gate_sums, up_sums = _gated_backward_triton(
-        grad_gate, grad_up, grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
+        grad_gate,
+        grad_up,
+        grad_y,
+        gate,
+        up,
+        gate_bias,
+        up_bias,
+        activation,
+        param,
+        param2,
+        gate_scale,
+        compute_grad_bias,
     )
     return (
         grad_gate,
@@ -411,7 +449,7 @@ gated_backward = torch.library.custom_op("fusedact::gated_backward", _gated_back
 
 
 @gated_backward.register_fake
-def _(grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias):
+def _(grad_y, gate, up, gate_bias, up_bias, activation, param, param2, gate_scale, compute_grad_bias):
     return (
         _empty_like(gate),
         _empty_like(up),
@@ -421,8 +459,8 @@ def _(grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
 
 
 def _gated_setup_context(ctx, inputs, output):
-    gate, up, gate_bias, up_bias, activation, param = inputs
-    ctx.activation, ctx.param = activation, param
+    gate, up, gate_bias, up_bias, activation, param, param2, gate_scale = inputs
+    ctx.activation, ctx.param, ctx.param2, ctx.gate_scale = activation, param, param2, gate_scale
     ctx.save_for_backward(*_for_backward(gate, up, gate_bias, up_bias))
 
 
@@ -430,13 +468,15 @@ def _gated_grad(ctx, grad_y, backward):
     gate, up, gate_bias, up_bias = ctx.saved_tensors
     compute = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     grad_gate, grad_up, grad_gate_bias, grad_up_bias = backward(
-        grad_y, gate, up, gate_bias, up_bias, ctx.activation, ctx.param, compute
+        grad_y, gate, up, gate_bias, up_bias, ctx.activation, ctx.param, ctx.param2, ctx.gate_scale, compute
     )
     return (
         grad_gate,
         grad_up,
         grad_gate_bias if (gate_bias is not None and compute) else None,
         grad_up_bias if (up_bias is not None and compute) else None,
+        None,
+        None,
         None,
         None,
     )
@@ -460,20 +500,23 @@ def _bias_halves(bias: Optional[Tensor], gate_first: bool) -> tuple[Optional[Ten
     return (None, None) if bias is None else _halves(bias, gate_first)
 
 
-def _gated_packed_impl(x: Tensor, bias: Optional[Tensor], activation: str, param: float, gate_first: bool) -> Tensor:
-    """act(gate + gate_bias) * (up + up_bias) for the halves of a packed ``x`` of width 2N (see _halves)."""
+def _gated_packed_impl(
+    x: Tensor, bias: Optional[Tensor], activation: str, param: float, param2: float, gate_scale: float,
+    gate_first: bool,
+) -> Tensor:  # fmt: skip
+    """act(s (gate + gate_bias)) * (up + up_bias) for the halves of a packed ``x`` of width 2N (see _halves)."""
     gate, up = _halves(x, gate_first)
     if gate.numel() == 0:
         return _empty_like(gate)
     gate_bias, up_bias = _bias_halves(bias, gate_first)
-    return _backend(x).gated(gate, up, gate_bias, up_bias, activation, param).contiguous()
+    return _backend(x).gated(gate, up, gate_bias, up_bias, activation, param, param2, gate_scale).contiguous()
 
 
 gated_packed = torch.library.custom_op("fusedact::gated_packed", _gated_packed_impl, mutates_args=())
 
 
 @gated_packed.register_fake
-def _(x, bias, activation, param, gate_first):
+def _(x, bias, activation, param, param2, gate_scale, gate_first):
     return _empty_like(_halves(x, gate_first)[0])
 
 
@@ -483,20 +526,34 @@ def _gated_packed_backward_impl(
     bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
+    gate_scale: float,
     gate_first: bool,
     compute_grad_bias: bool,
 ) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_bias) for ``gated_packed``; the kernel writes both halves of grad_x in place."""
     if x.numel() == 0 or _backend(x) is _fallback:
         return _packed_from_halves(
-            _gated_backward_impl, grad_y, x, bias, activation, param, gate_first, compute_grad_bias
-        )
+            _gated_backward_impl, grad_y, x, bias, activation, param, param2, gate_scale, gate_first,
+            compute_grad_bias,
+        )  # fmt: skip
     gate, up = _halves(x, gate_first)
     gate_bias, up_bias = _bias_halves(bias, gate_first)
     grad_x = _empty_like(x)
     grad_gate, grad_up = _halves(_triton.as_matrix(grad_x), gate_first)
     gate_sums, up_sums = _gated_backward_triton(
-        grad_gate, grad_up, grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
+        grad_gate,
+        grad_up,
+        grad_y,
+        gate,
+        up,
+        gate_bias,
+        up_bias,
+        activation,
+        param,
+        param2,
+        gate_scale,
+        compute_grad_bias,
     )
     if bias is None or not compute_grad_bias:
         return grad_x, x.new_empty(0)
@@ -514,6 +571,8 @@ def _packed_from_halves(
     bias: Optional[Tensor],
     activation: str,
     param: float,
+    param2: float,
+    gate_scale: float,
     gate_first: bool,
     compute_grad_bias: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -522,7 +581,7 @@ def _packed_from_halves(
     gate, up = _halves(x, gate_first)
     gate_bias, up_bias = _bias_halves(bias, gate_first)
     grad_gate, grad_up, grad_gate_bias, grad_up_bias = gated_backward_fn(
-        grad_y, gate, up, gate_bias, up_bias, activation, param, compute_grad_bias
+        grad_y, gate, up, gate_bias, up_bias, activation, param, param2, gate_scale, compute_grad_bias
     )
     grad_bias = _bias_grad_like(bias, compute_grad_bias, x)
     if grad_bias.numel():
@@ -530,10 +589,13 @@ def _packed_from_halves(
     return torch.cat(_halves_in_order(grad_gate, grad_up, gate_first), dim=-1), grad_bias
 
 
-def _gated_packed_backward_differentiable(grad_y, x, bias, activation, param, gate_first, compute_grad_bias):
+def _gated_packed_backward_differentiable(
+    grad_y, x, bias, activation, param, param2, gate_scale, gate_first, compute_grad_bias
+):
     return _packed_from_halves(
-        _gated_backward_differentiable, grad_y, x, bias, activation, param, gate_first, compute_grad_bias
-    )
+        _gated_backward_differentiable, grad_y, x, bias, activation, param, param2, gate_scale, gate_first,
+        compute_grad_bias,
+    )  # fmt: skip
 
 
 gated_packed_backward = torch.library.custom_op(
@@ -542,13 +604,15 @@ gated_packed_backward = torch.library.custom_op(
 
 
 @gated_packed_backward.register_fake
-def _(grad_y, x, bias, activation, param, gate_first, compute_grad_bias):
+def _(grad_y, x, bias, activation, param, param2, gate_scale, gate_first, compute_grad_bias):
     return _empty_like(x), _bias_grad_like(bias, compute_grad_bias, x)
 
 
 def _gated_packed_setup_context(ctx, inputs, output):
-    x, bias, activation, param, gate_first = inputs
-    ctx.activation, ctx.param, ctx.gate_first = activation, param, gate_first
+    x, bias, activation, param, param2, gate_scale, gate_first = inputs
+    ctx.activation, ctx.param, ctx.param2, ctx.gate_scale, ctx.gate_first = (
+        activation, param, param2, gate_scale, gate_first,
+    )  # fmt: skip
     ctx.save_for_backward(*_for_backward(x, bias))
 
 
@@ -556,10 +620,10 @@ def _gated_packed_grad(ctx, grad_y, backward):
     x, bias = ctx.saved_tensors
     compute = bias is not None and ctx.needs_input_grad[1]
     grad_x, grad_bias = backward(
-        grad_y, x, bias, ctx.activation, ctx.param,
+        grad_y, x, bias, ctx.activation, ctx.param, ctx.param2, ctx.gate_scale,
         ctx.gate_first, compute,
     )  # fmt: skip
-    return grad_x, (grad_bias if compute else None), None, None, None
+    return grad_x, (grad_bias if compute else None), None, None, None, None, None
 
 
 run_gated_packed = _entry(

@@ -97,7 +97,7 @@ def _claimable_act(act: nn.Module, fc1: nn.Module) -> bool:
     if not isinstance(act, FoldedBias) or act.bias_of is not fc1 or act.dim != -1 or act.activation not in FOLDABLE:
         return False
     try:
-        activation, param = functional._resolve(act.activation, act.params)
+        activation, param, _ = functional._resolve(act.activation, act.params)
     except (TypeError, ValueError):
         return False
     return not ops.saves_output(activation, param)
