@@ -1,6 +1,12 @@
 """fusedact.kernels: the pure-Triton layer (activation math, kernel templates, softmax); no PyTorch here."""
 
-from .activations import ACTIVATIONS, activation_backward, activation_forward, activation_param_backward
+from .activations import (
+    ACTIVATIONS,
+    LEARNED_PARAMETERS,
+    activation_backward,
+    activation_forward,
+    activation_param_backward,
+)
 from .rounding import round_to, to_fp32
 from .softmax import (
     softmax_block_shape,
@@ -24,6 +30,7 @@ from .templates import (
 __all__ = [
     "ACTIVATIONS",
     "BACKWARD_TILE_ELEMENTS",
+    "LEARNED_PARAMETERS",
     "TILE_ELEMENTS",
     "activation_backward",
     "activation_forward",
