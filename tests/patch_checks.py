@@ -50,13 +50,17 @@ def assert_same_state_dict(patched: nn.Module, original: nn.Module):
 LEAN_ENTRIES = {"run_gated_mlp": "lean_gated", "run_gated_mlp_packed": "lean_gated_packed", "run_mlp": "lean_mlp"}
 
 
+# The functional entries of the newer activations, counted too: their fusedact.nn modules call them.
+NEW_ENTRIES = ("relu6", "hardtanh", "hardswish", "hardsigmoid", "softplus", "xielu")
+
+
 @contextlib.contextmanager
 def kernel_calls():
     """Counts the calls of fusedact's gated and bias-activation entry points while the block runs (the patched
     code looks them up on ``fusedact.functional`` at each call), and of the lean blocks' ops (``fusedact.mlp``
-    looks them up likewise): ``lean_gated``, ``lean_gated_packed``, ``lean_mlp``."""
+    looks them up likewise): ``lean_gated``, ``lean_gated_packed``, ``lean_mlp``; and ``NEW_ENTRIES``."""
     counts = Counter()
-    targets = [(fusedact.functional, name, name) for name in ("gated", "gated_packed", "bias_act")]
+    targets = [(fusedact.functional, name, name) for name in ("gated", "gated_packed", "bias_act", *NEW_ENTRIES)]
     targets += [(fusedact.mlp, entry, name) for entry, name in LEAN_ENTRIES.items()]
     originals = [(module, entry, getattr(module, entry)) for module, entry, _ in targets]
 

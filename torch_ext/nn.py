@@ -154,14 +154,42 @@ class XIELU(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_scalars(self.beta, self.eps)  # one read per load, of the loaded (fixed) values
 
+    @classmethod
+    def sharing(cls, module: torch.nn.Module) -> "XIELU":
+        """An ``XIELU`` on ``module``'s own ``alpha_p``, ``alpha_n`` ``Parameter``s and ``beta``, ``eps``
+        buffers (the same objects: the same ``state_dict`` keys and values, one optimizer state), computing
+        what ``module`` computes: ``module`` is transformers' ``XIELUActivation`` or an ``XIELU``.
+
+            >>> act = fusedact.nn.XIELU.sharing(transformers_model.model.layers[0].mlp.act_fn)
+        """
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.alpha_p, new.alpha_n = module.alpha_p, module.alpha_n
+        for name in ("beta", "eps"):
+            new.register_buffer(name, getattr(module, name), persistent=name not in module._non_persistent_buffers_set)
+        new.with_vector_loads = getattr(module, "with_vector_loads", False)
+        # The floats the buffers hold (transformers' Python path computes with the buffers); on meta
+        # buffers, the module's own floats rounded to the buffers' dtype.
+        new._beta_scalar, new._eps_scalar = (
+            float(torch.tensor(getattr(module, f"_{name}_scalar"), dtype=getattr(module, name).dtype))
+            for name in ("beta", "eps")
+        )
+        new._refresh_scalars(new.beta, new.eps)
+        new.train(module.training)
+        return new
+
     def coefficients(self) -> tuple[Tensor, Tensor]:
         """(alpha_p, alpha_n) = (softplus(self.alpha_p), beta + softplus(self.alpha_n)), as transformers."""
         softplus = torch.nn.functional.softplus
         return softplus(self.alpha_p), self.beta + softplus(self.alpha_n)
 
     def forward(self, input: Tensor) -> Tensor:
+        return self.with_bias(input, None)
+
+    def with_bias(self, input: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """xIELU of ``input + bias`` with this module's coefficients, the bias added in the kernel."""
         alpha_p, alpha_n = self.coefficients()
-        return F.xielu(input, alpha_p=alpha_p, alpha_n=alpha_n, beta=self._beta_scalar, eps=self._eps_scalar)
+        return F.xielu(input, bias, alpha_p=alpha_p, alpha_n=alpha_n, beta=self._beta_scalar, eps=self._eps_scalar)
 
 
 class GLU(torch.nn.GLU):

@@ -115,7 +115,7 @@ CASES = {
     "packed (Phi-3)": (PackedGateUp, {"gated_packed": 1}, 0),
     "through a variable (T5)": (lambda: GateThroughVariable(bias=True), {"gated": 1}, 2),
     "variables (timm SwiGLU)": (SwiGLUVariables, {"gated": 1}, 2),
-    "scaled gate (Falcon-H1)": (ScaledGate, {"gated": 1}, 1),
+    "scaled gate (Falcon-H1)": (ScaledGate, {"gated": 1}, 2),  # gate_proj's bias folds under the scale
     "functional": (Functional, {"gated": 1}, 2),
     "packed, gate first (GluMlp)": (PackedConditional, {"gated_packed": 1}, 0),
     "packed, gate last (GluMlp)": (lambda: PackedConditional(gate_last=True), {"gated_packed": 1}, 0),
@@ -159,7 +159,10 @@ def test_rewritten_forward_keeps_the_rest_of_the_code():
     model = ScaledGate()
     fusedact.patch(model)
     source = inspect.getsource(type(model).forward)
-    assert "self._fusedact_gated(0, self.up_proj(x), self.act_fn, self.gate_proj(x) * self.gate_multiplier)" in source
+    assert (
+        "self._fusedact_gated_scaled(0, self.up_proj(x), self.act_fn, self.gate_proj(x), self.gate_multiplier)"
+        in source
+    )
     assert "y = self.down_proj(y) * self.down_multiplier" in source  # the rest as written
     assert "ScaledGate.forward rewritten from" in type(model).forward.__code__.co_filename
 
@@ -356,3 +359,94 @@ def test_rewritten_forwards_compile_fullgraph():
     fusedact.patch(model)
     compiled = torch.compile(model, fullgraph=True)
     assert_same_function(model, original, torch.randn(4, 8), call=compiled)
+
+
+# --- Scaled gates: act(G * s) with s a number runs gated(G, U, gate_scale=s) ---------------------------------
+
+
+class ScaleOnTheLeft(nn.Module):
+    """``act(s * gate_proj(x)) * up_proj(x)``: the scale written first, a tanh GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 12), nn.Linear(8, 12)
+        self.act_fn, self.gate_multiplier = nn.GELU(approximate="tanh"), 1.5
+
+    def forward(self, x):
+        return self.act_fn(self.gate_multiplier * self.gate_proj(x)) * self.up_proj(x)
+
+
+class ConstantScale(nn.Module):
+    """A constant on the gate (an int: a number as well)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 12, bias=False), nn.Linear(8, 12, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.up_proj(x) * self.act_fn(self.gate_proj(x) * 2)
+
+
+class DividedGate(nn.Module):
+    """``act(gate_proj(x) / s)``: not a gate_scale (1/s is not exact), the scaled gate is the kernel's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 12), nn.Linear(8, 12)
+        self.act_fn, self.temperature = nn.SiLU(), 3.0
+
+    def forward(self, x):
+        return self.up_proj(x) * self.act_fn(self.gate_proj(x) / self.temperature)
+
+
+def _tensor_scaled_gate():
+    model = ScaledGate()
+    model.gate_multiplier = torch.tensor(0.7)  # a tensor, not a number: the original expression runs
+    return model
+
+
+# name -> (build, the gate_scale the kernel gets per call (None: no gated call), biases folded, in the report)
+SCALED = {
+    "Falcon-H1 (G * s)": (ScaledGate, 0.7, 2, True),
+    "s * G": (ScaleOnTheLeft, 1.5, 2, True),
+    "constant": (ConstantScale, 2, 0, True),
+    "divided: not a scale": (DividedGate, 1.0, 1, False),
+    "tensor scale": (_tensor_scaled_gate, None, 2, True),
+}
+
+
+@pytest.mark.parametrize("name", SCALED)
+def test_scaled_gate_goes_to_the_kernel(name, monkeypatch):
+    build, scale, folded, in_kernel = SCALED[name]
+    torch.manual_seed(0)
+    model = build()
+    original = copy.deepcopy(model)
+    report = fusedact.patch(model, lean_mlp=False)
+    (change,) = [change for change in report.changes if change.action == "gated_mlp"]
+    assert ("gate scale in the kernel" in change.after) == in_kernel, change.after
+    assert (f"{folded} bias" in change.after) if folded else "folded" not in change.after
+    scales = []
+    gated = fusedact.functional.gated
+    monkeypatch.setattr(
+        fusedact.functional,
+        "gated",
+        lambda *args, gate_scale=1.0, **kwargs: (
+            scales.append(gate_scale) or gated(*args, gate_scale=gate_scale, **kwargs)
+        ),
+    )
+    x = torch.randn(3, 5, 8)
+    assert_same_function(model, original, x)
+    assert scales == ([] if scale is None else [scale])
+    assert_same_state_dict(model, original)
+    fusedact.unpatch(model)
+    assert type(model) is type(original) and type(model.gate_proj) is nn.Linear
+
+
+def test_scaled_gate_on_both_backends(device):
+    torch.manual_seed(0)
+    for build in (ScaledGate, ScaleOnTheLeft):
+        model = build().to(device)
+        original = copy.deepcopy(model)
+        fusedact.patch(model)
+        assert_same_function(model, original, torch.randn(2, 3, 8, device=device))

@@ -3,7 +3,9 @@
 Proof: the module's exact class is one ``kinds.activation_kind`` knows (``nn.GELU``, transformers'
 ``NewGELUActivation``, timm's ``Swish``, ...), and its settings (slope, approximation, alpha, dim) are read
 from it; the fusedact module computes the same function with them. A subclass is never taken for its base
-(it may override ``forward``). PReLU's module keeps the same weight ``Parameter`` (same ``state_dict``).
+(it may override ``forward``). PReLU's module keeps the same weight ``Parameter``, xIELU's (transformers'
+``XIELUActivation``, Apertus) its ``alpha_p``/``alpha_n`` Parameters and ``beta``/``eps`` buffers (same
+``state_dict``; the coefficients' gradients come from the fused backward).
 Rewrite: ``parent.<name> = fusedact module``; one module at several places is replaced by one new module.
 Undo: the original module object is put back (``context.set_child``).
 Left and reported: activation-like modules fusedact does not recognize, kinds not asked for, and settings
@@ -14,13 +16,16 @@ from typing import Optional
 
 from torch import nn
 
+from .. import nn as fnn
 from .context import Context
-from .kinds import activation_kind, fused_module, looks_like_activation
+from .kinds import LEARNED, activation_kind, fused_module, looks_like_activation
 from .report import short
 
 ACTION = "replace"
 # Kinds whose fusedact module takes torch.nn's (accepted, ignored) ``inplace`` argument.
-_TAKES_INPLACE = frozenset({"relu", "leaky_relu", "silu", "elu", "selu", "celu", "mish"})
+_TAKES_INPLACE = frozenset(
+    {"relu", "leaky_relu", "silu", "elu", "selu", "celu", "mish", "relu6", "hardtanh", "hardswish", "hardsigmoid"}
+)
 
 
 def _unsupported_setting(kind: str, settings: dict) -> Optional[str]:
@@ -31,6 +36,8 @@ def _unsupported_setting(kind: str, settings: dict) -> Optional[str]:
 
 
 def _replacement(module: nn.Module, kind: str, settings: dict) -> nn.Module:
+    if kind in LEARNED:  # xIELU: the fused module on the module's own Parameters and buffers
+        return fnn.XIELU.sharing(module)
     settings = dict(settings)
     if kind in _TAKES_INPLACE and isinstance(getattr(module, "inplace", None), bool):
         settings["inplace"] = module.inplace  # kept for the repr; the fused module writes a new tensor

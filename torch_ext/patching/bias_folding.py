@@ -12,7 +12,8 @@ Proof that the layer feeds the activation directly, and nothing else reads its o
 The layer must have a bias, be reached at one path, and neither it nor the activation may carry hooks;
 a forward set on the parent instance blocks folding (its class's code may not be what runs).
 Rewrite: the layer's class becomes its bias-skipping subclass (same ``Parameter``s, same ``state_dict``), and
-the activation a ``FoldedBias`` that reads the layer's bias on every call.
+the activation a ``FoldedBias`` that reads the layer's bias on every call (``FoldedXIELU`` for xIELU, on the
+activation's own learned Parameters; a Linear's bias only: its coefficients run along the last dim).
 Undo: the layer's class and the activation module come back.
 """
 
@@ -23,8 +24,8 @@ import itertools
 from torch import nn
 
 from .context import Context, has_hooks, is_patched_class
-from .kinds import FOLDABLE, activation_kind
-from .layers import ROW_WISE, FoldedBias, bias_skipping_class
+from .kinds import FOLDABLE, LEARNED, activation_kind
+from .layers import ROW_WISE, FoldedBias, FoldedXIELU, bias_skipping_class
 from .report import short
 from .source import forward_tree, single_call, uses
 
@@ -80,7 +81,12 @@ def _fold(parent: nn.Module, layer_name: str, act_name: str, context: Context) -
     new_class, dim = target
     if kind[0] in ROW_WISE and kind[1]["dim"] != dim:
         return  # a softmax across another dim than the bias's
-    folded = FoldedBias(kind[0], kind[1], layer, dim)
+    if kind[0] in LEARNED:  # xIELU: its coefficients run along the last dim, as a Linear's bias does
+        if dim != -1:
+            return
+        folded = FoldedXIELU.of(act, layer)
+    else:
+        folded = FoldedBias(kind[0], kind[1], layer, dim)
     folded.train(act.training)
     before = short(act)
     context.set_class(layer, new_class)

@@ -3,8 +3,9 @@
 Where ``gated_mlp`` proves a whole Llama-style MLP, this rule proves each product ``act(gate) * up`` in any
 forward (``products``): Phi-3's packed ``gate_up_proj`` split with ``.chunk(2, dim=-1)``, T5 v1.1's gated
 GELU (``wi_0``, ``wi_1``, through a variable), timm's ``SwiGLU`` (``fc1_g``, ``fc1_x``) and ``GluMlp``,
-Falcon-H1's scaled gate (``up_proj(x) * act_fn(gate_proj(x) * gate_multiplier)``: the scaled gate is the
-kernel's input, computed as the model computes it), and functional forms (``F.silu(w1(x)) * w3(x)``).
+Falcon-H1's scaled gate (``up_proj(x) * act_fn(gate_proj(x) * gate_multiplier)``: the number goes to the
+kernel as its ``gate_scale`` and ``gate_proj``'s bias folds under it, ``act(s (xW + b))``), and functional
+forms (``F.silu(w1(x)) * w3(x)``).
 Proof: the product and where its operands come from are read from the forward's code; the activation is a
 module (or function) of a kind the gated kernel computes. Nothing else in the forward changes.
 Rewrite: the module's class becomes ``Fused<Class>``, whose forward is the original code with each product
@@ -50,5 +51,7 @@ def patch(module: nn.Module, context: Context) -> None:
     packed = any(site.packed_gate_first is not None for site in written.sites)
     layout = ", both halves of one projection read in place" if packed else ""
     folded = f", {len(chosen.folds)} bias{'es' * (len(chosen.folds) > 1)} folded" if chosen.folds else ""
+    scaled = any(site.gate_scale_right is not None and chosen.products[site.index] for site in written.sites)
+    layout += ", gate scale in the kernel" if scaled else ""
     after = f"{fused.__name__} ({'/'.join(chosen.kinds())} gated kernel{layout}{folded})"
     context.change(context.path(module), ACTION, cls.__name__, after)

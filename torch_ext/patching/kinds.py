@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import functional as F
 from .. import nn as fnn
-from .layers import FoldedBias, class_key
+from .layers import FOLDED, class_key
 
 _ERF, _TANH = {"approximate": "none"}, {"approximate": "tanh"}
 
@@ -33,6 +33,11 @@ _KINDS: dict[str, Callable[[nn.Module], tuple[str, dict]]] = {
     "torch.nn.modules.activation.Mish": lambda m: ("mish", {}),
     "torch.nn.modules.activation.GLU": lambda m: ("glu", {"dim": m.dim}),
     "torch.nn.modules.activation.PReLU": lambda m: ("prelu", {"num_parameters": m.num_parameters}),
+    "torch.nn.modules.activation.ReLU6": lambda m: ("relu6", {}),
+    "torch.nn.modules.activation.Hardtanh": lambda m: ("hardtanh", {"min_val": m.min_val, "max_val": m.max_val}),
+    "torch.nn.modules.activation.Hardswish": lambda m: ("hardswish", {}),
+    "torch.nn.modules.activation.Hardsigmoid": lambda m: ("hardsigmoid", {}),
+    "torch.nn.modules.activation.Softplus": lambda m: ("softplus", {"beta": m.beta, "threshold": m.threshold}),
     "torch.nn.modules.activation.Softmax": lambda m: ("softmax", {"dim": m.dim}),
     "torch.nn.modules.activation.LogSoftmax": lambda m: ("log_softmax", {"dim": m.dim}),
     # Hugging Face transformers (transformers.activations.ACT2FN)
@@ -46,6 +51,10 @@ _KINDS: dict[str, Callable[[nn.Module], tuple[str, dict]]] = {
     "transformers.activations.SiLUActivation": lambda m: ("silu", {}),
     "transformers.activations.MishActivation": lambda m: ("mish", {}),
     "transformers.activations.ReLUSquaredActivation": lambda m: ("relu_squared", {}),
+    # learned alpha_p, alpha_n (Apertus): its settings are its tensors, taken over by ``XIELU.sharing``
+    "transformers.activations.XIELUActivation": lambda m: ("xielu", {}),
+    # BLOOM's tanh GELU (sqrt(2/pi) written 0.79788456: equal in fp32) with its hand-written backward
+    "transformers.models.bloom.modeling_bloom.BloomGelu": lambda m: ("gelu", dict(_TANH)),
     # timm (timm.layers.create_act_layer)
     "timm.layers.activations.GELU": lambda m: ("gelu", dict(_ERF)),
     "timm.layers.activations.GELUTanh": lambda m: ("gelu", dict(_TANH)),
@@ -55,6 +64,13 @@ _KINDS: dict[str, Callable[[nn.Module], tuple[str, dict]]] = {
     "timm.layers.activations.Tanh": lambda m: ("tanh", {}),
     "timm.layers.activations.Mish": lambda m: ("mish", {}),
     "timm.layers.activations.PReLU": lambda m: ("prelu", {"num_parameters": m.num_parameters}),
+    "timm.layers.activations.HardSwish": lambda m: ("hardswish", {}),
+    "timm.layers.activations.HardSigmoid": lambda m: ("hardsigmoid", {}),
+    # timm's memory-efficient autograd.Functions (activations_me): the same functions, hand-written backward
+    "timm.layers.activations_me.SwishMe": lambda m: ("silu", {}),
+    "timm.layers.activations_me.MishMe": lambda m: ("mish", {}),
+    "timm.layers.activations_me.HardSwishMe": lambda m: ("hardswish", {}),
+    "timm.layers.activations_me.HardSigmoidMe": lambda m: ("hardsigmoid", {}),
 }
 
 # fusedact's own modules: kind and settings, so patching twice (and the lab's inspect) sees them.
@@ -66,12 +82,15 @@ _FUSED_KINDS: dict[type, Callable[[nn.Module], tuple[str, dict]]] = {
     fnn.SwiGLU: lambda m: ("swiglu", {}),
     fnn.GeGLU: lambda m: ("geglu", {"approximate": m.approximate}),
     fnn.ReGLU: lambda m: ("reglu", {}),
+    fnn.XIELU: lambda m: ("xielu", {}),
 }
 
 # Single-input kinds the fused bias_act kernel computes (so a preceding layer's bias can be folded in).
 FOLDABLE = frozenset(kind for kind in F.ACTIVATIONS if kind not in ("swiglu", "geglu", "reglu", "glu"))
 # Gated-MLP activation kinds -> the gated kernel's activation.
 GATED = {"silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid"}
+# Kinds with learned parameters: their fusedact module takes the module's own tensors (``XIELU.sharing``).
+LEARNED = F.LEARNED
 # Every kind ``patch(activations=...)`` accepts.
 KNOWN = frozenset(F.ACTIVATIONS) | {"prelu", "softmax", "log_softmax"}
 
@@ -83,7 +102,7 @@ def activation_kind(module: nn.Module) -> Optional[tuple[str, dict]]:
     modules are recognized too (``fusedact.nn.Swish(2.0)`` -> ``("swish", {"beta": 2.0})``).
     """
     cls = type(module)
-    if isinstance(module, FoldedBias):
+    if isinstance(module, FOLDED):
         return module.activation, dict(module.params)
     if cls in _FUSED_KINDS:
         return _FUSED_KINDS[cls](module)
@@ -137,6 +156,12 @@ def fused_module(kind: str, **settings) -> nn.Module:
         "swiglu": lambda: fnn.SwiGLU(),
         "geglu": lambda approximate="none": fnn.GeGLU(approximate),
         "reglu": lambda: fnn.ReGLU(),
+        "relu6": lambda inplace=False: fnn.ReLU6(inplace),
+        "hardtanh": lambda min_val=-1.0, max_val=1.0, inplace=False: fnn.Hardtanh(min_val, max_val, inplace),
+        "hardswish": lambda inplace=False: fnn.Hardswish(inplace),
+        "hardsigmoid": lambda inplace=False: fnn.Hardsigmoid(inplace),
+        "softplus": lambda beta=1.0, threshold=20.0: fnn.Softplus(beta, threshold),
+        "xielu": lambda **settings: fnn.XIELU(**settings),  # fresh coefficients; patch shares the module's
         "softmax": lambda dim=None: fnn.Softmax(dim),
         "log_softmax": lambda dim=None: fnn.LogSoftmax(dim),
     }

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .. import nn as fnn
 from .source import function_tree, is_docstring, self_attribute
 
 
@@ -96,6 +97,42 @@ class FoldedBias(nn.Module):
     def extra_repr(self) -> str:
         settings = "".join(f", {key}={value!r}" for key, value in self.params.items())
         return f"{self.activation}{settings}, bias of {type(self.bias_of).__bases__[0].__name__}, dim={self.dim}"
+
+
+class FoldedXIELU(fnn.XIELU):
+    """``FoldedBias`` for an activation with learned parameters: xIELU adding the bias of the layer feeding it
+    in the fused kernel, with its learned coefficients (their gradients reduced in the same backward).
+
+    Made by ``fusedact.patch`` on the activation's own ``alpha_p``/``alpha_n`` Parameters and ``beta``/``eps``
+    buffers (``XIELU.sharing``), so the ``state_dict`` keeps them under the activation's keys; the layer
+    (``bias_of``) is held as ``FoldedBias`` holds it, its bias read on every call.
+    """
+
+    activation, dim = "xielu", -1  # as FoldedBias names its activation (its settings are its tensors)
+
+    @classmethod
+    def of(cls, activation: nn.Module, bias_of: nn.Module) -> "FoldedXIELU":
+        folded = cls.sharing(activation)
+        folded._bias_of = (bias_of,)
+        return folded
+
+    @property
+    def params(self) -> dict:
+        return {}
+
+    @property
+    def bias_of(self) -> nn.Module:
+        return self._bias_of[0]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.with_bias(input, bias_like(self._bias_of[0], input))
+
+    def extra_repr(self) -> str:
+        return f"xielu, bias of {type(self.bias_of).__bases__[0].__name__}, dim={self.dim}"
+
+
+# Activations patch made that add the bias of the layer before them.
+FOLDED = (FoldedBias, FoldedXIELU)
 
 
 class LinearBiasInActivation(nn.Linear):

@@ -65,6 +65,8 @@ class Site:
     packed_gate_first: Optional[bool]  # None: two tensors; else halves of one chunk, the gate first or second
     gate_width: Optional[str] = None  # the self.<layer> whose output width G has (scaled or not), if known
     up_width: Optional[str] = None
+    # act(G * s) (True) or act(s * G) (False), s a number attribute or constant: the kernel's gate_scale
+    gate_scale_right: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,24 @@ def _chunk(node: ast.AST, self_name: str) -> Optional[tuple]:
     return node.func.value, dim
 
 
+def _scalar(node: ast.AST, self_name: str) -> bool:
+    """``self.attribute`` or a number constant: what may be a scalar on the gate (checked a number per call)."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    return self_attribute(node, self_name) is not None
+
+
+def _scaled(gate: ast.AST, self_name: str) -> Optional[tuple]:
+    """``G * s`` or ``s * G`` with ``s`` a ``_scalar``: (G, s, whether s is on the right)."""
+    if not (isinstance(gate, ast.BinOp) and isinstance(gate.op, ast.Mult)):
+        return None
+    if _scalar(gate.right, self_name):
+        return gate.left, gate.right, True
+    if _scalar(gate.left, self_name):
+        return gate.right, gate.left, False
+    return None
+
+
 class _Reader:
     """One function's code, read for sites: ``sites()`` lists (Site, product node, edit) in code order."""
 
@@ -214,7 +234,7 @@ class _Reader:
             return self._width_of(statement.value, block, definition, depth + 1)
         if isinstance(expression, ast.BinOp) and isinstance(expression.op, (ast.Mult, ast.Div)):
             for side, other in ((expression.left, expression.right), (expression.right, expression.left)):
-                scalar = isinstance(other, ast.Constant) or self_attribute(other, self.self_name) is not None
+                scalar = _scalar(other, self.self_name)
                 if scalar and (width := self._width_of(side, block, index, depth + 1)):
                     return width
             return None
@@ -251,14 +271,19 @@ class _Reader:
                         up,
                         (statement, chunk),
                     )
+        # act(G * s) in the product itself: G is the kernel's gate, s its gate_scale (Falcon-H1's multiplier).
+        scaled = None if temporary is not None else _scaled(gate, self.self_name)
+        unscaled = gate if scaled is None else scaled[0]
         # A gate read at an earlier statement (a temporary's) folds only as self.layer(x) itself.
         gate_layer = (
-            None if temporary is not None and isinstance(gate, ast.Name) else self._layer_of(gate, block, index)
+            None if temporary is not None and isinstance(gate, ast.Name) else self._layer_of(unscaled, block, index)
         )
         up_layer = self._layer_of(up, block, index)
         gate_at = index if temporary is None else block.index(temporary)
         widths = (self._width_of(gate, block, gate_at), self._width_of(up, block, index))
-        fields = (label, attribute, kind, gate_layer, up_layer, None, *widths)
+        fields = (label, attribute, kind, gate_layer, up_layer, None, *widths, scaled and scaled[2])
+        if scaled is not None:
+            return fields, ("scaled", activated, gate, up, scaled)
         return fields, ("temporary" if temporary is not None else "direct", activated, gate, up, temporary)
 
 
@@ -312,6 +337,12 @@ def rewrite(function, start: int = 0, activations: frozenset = frozenset()) -> O
             operands = [activation, gate, up] if site.gate_operand_first else [up, activation, gate]
             packed = ast.Name(packed_names[id(statement)], ast.Load())
             call = _method(self_name, "_fusedact_gated_packed", [ast.Constant(site.index), packed, dim, *operands])
+        elif form == "scaled":  # act(G * s) -> G, s as the code evaluates them, s the kernel's gate_scale
+            unscaled, scale, right = extra
+            gate_operands = [unscaled, scale] if right else [scale, unscaled]
+            activation = activated.func
+            operands = [activation, *gate_operands, up] if site.gate_operand_first else [up, activation, *gate_operands]
+            call = _method(self_name, "_fusedact_gated_scaled", [ast.Constant(site.index), *operands])
         else:
             if form == "temporary":  # h = self.act(G) -> h = G: the activation runs at the product now
                 activation, extra.value = extra.value.func, extra.value.args[0]
@@ -357,18 +388,38 @@ class GatedProducts:
     def _fusedact_gated(self, site: int, first, second, third):
         spec = self._fusedact_sites[site]
         act, gate, up = (first, second, third) if spec.gate_operand_first else (second, third, first)
-        state = self._fusedact_products[site]
+        return self._fusedact_site(site, act, gate, up, None)
+
+    def _fusedact_gated_scaled(self, site: int, first, second, third, fourth):
+        """``act(G * s) * U`` (or with ``s * G``, ``U * act(...)``): ``gated(G, U, gate_scale=s)`` where ``s``
+        is a number; anything else (a tensor ``s``) runs the original expression."""
+        spec = self._fusedact_sites[site]
+        if spec.gate_operand_first:
+            act, left, right, up = first, second, third, fourth
+        else:
+            up, act, left, right = first, second, third, fourth
+        gate, scale = (left, right) if spec.gate_scale_right else (right, left)
+        return self._fusedact_site(site, act, gate, up, scale)
+
+    def _fusedact_site(self, site: int, act, gate, up, scale):
+        """One two-tensor site: the gated kernel where the operands fit it, else the original expression
+        (with the biases folded here added as the layers would have, and the scale as the code applies it)."""
+        spec, state = self._fusedact_sites[site], self._fusedact_products[site]
         gate_bias = up_bias = None
+        scale_number = scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool))
         if state is not None:
             activation, params, gate_layer, up_layer = state
             gate_bias = None if gate_layer is None else bias_like(gate_layer, gate)
             up_bias = None if up_layer is None else bias_like(up_layer, up)
-            if _fits(gate, up):
-                return F.gated(gate, up, gate_bias, up_bias, activation, **params)
+            if scale_number and _fits(gate, up):
+                gate_scale = {} if scale is None else {"gate_scale": scale}
+                return F.gated(gate, up, gate_bias, up_bias, activation, **gate_scale, **params)
         if gate_bias is not None:  # folded at patch time: the layers left their biases to this site
             gate = gate + gate_bias
         if up_bias is not None:
             up = up + up_bias
+        if scale is not None:
+            gate = gate * scale if spec.gate_scale_right else scale * gate
         return act(gate) * up if spec.gate_operand_first else up * act(gate)
 
     def _fusedact_gated_packed(self, site: int, packed, dim, first, second, third):
