@@ -20,6 +20,24 @@ TWINS = [
     (fusedact.nn.Mish, torch.nn.Mish, {}),
     (fusedact.nn.GLU, torch.nn.GLU, {}),
     (fusedact.nn.PReLU, torch.nn.PReLU, {"num_parameters": 34, "init": 0.1}),
+    (fusedact.nn.ReLU6, torch.nn.ReLU6, {"inplace": True}),
+    (fusedact.nn.Hardtanh, torch.nn.Hardtanh, {"min_val": -0.5, "max_val": 2.0}),
+    (fusedact.nn.Hardswish, torch.nn.Hardswish, {}),
+    (fusedact.nn.Hardsigmoid, torch.nn.Hardsigmoid, {}),
+    (fusedact.nn.Softplus, torch.nn.Softplus, {"beta": 2.0, "threshold": 3.0}),
+]
+
+# The newer twins again in float64 on CPU with inputs across their kinks and thresholds, against torch.nn's
+# module: fusedact computes float64 in float64, so 1e-12 (the kinks themselves, measure zero, are not drawn).
+F64_TWINS = [
+    (fusedact.nn.ReLU6, torch.nn.ReLU6, (), {}),
+    (fusedact.nn.Hardtanh, torch.nn.Hardtanh, (-0.5, 2.0), {}),
+    (fusedact.nn.Hardtanh, torch.nn.Hardtanh, (), {"min_val": -2.0, "max_val": -1.0}),
+    (fusedact.nn.Hardswish, torch.nn.Hardswish, (), {}),
+    (fusedact.nn.Hardsigmoid, torch.nn.Hardsigmoid, (), {}),
+    (fusedact.nn.Softplus, torch.nn.Softplus, (), {}),
+    (fusedact.nn.Softplus, torch.nn.Softplus, (0.5, 1.0), {}),
+    (fusedact.nn.Softplus, torch.nn.Softplus, (), {"beta": -1.5, "threshold": 4.0}),
 ]
 
 
@@ -89,3 +107,62 @@ def test_modules_without_torch_twin(device):
         torch.testing.assert_close(module(gate, up), expected, **tol)
         assert module.state_dict() == {}
     assert repr(fusedact.nn.GeGLU(approximate="tanh")) == "GeGLU(approximate='tanh')"
+
+
+@pytest.mark.parametrize("ours,theirs,args,kwargs", F64_TWINS, ids=[f"{t.__name__}{a}{k}" for _, t, a, k in F64_TWINS])
+def test_new_twins_in_float64(ours, theirs, args, kwargs):
+    module, reference = ours(*args, **kwargs), theirs(*args, **kwargs)
+    assert isinstance(module, theirs) and repr(module) == repr(reference) and module.state_dict() == {}
+    x = (8 * torch.rand(5, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) - 4).requires_grad_()
+    x_reference = x.detach().clone().requires_grad_()
+    y, y_reference = module(x), reference(x_reference)
+    torch.testing.assert_close(y, y_reference, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_reference.backward(grad)
+    # PyTorch's CPU hardsigmoid backward scales by 1/6 rounded to fp32 (0.1666666716) even in float64:
+    # fusedact's exact 1/6 is 3e-8 from it, relatively; checked exactly against 1/6 instead.
+    if ours is fusedact.nn.Hardsigmoid:
+        torch.testing.assert_close(x.grad, grad * ((x > -3) & (x < 3)) / 6, rtol=1e-15, atol=0)
+        torch.testing.assert_close(x.grad, x_reference.grad, rtol=5e-8, atol=0)
+    else:
+        torch.testing.assert_close(x.grad, x_reference.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_xielu_mirrors_transformers(device):
+    """Same constructor, Parameters and buffers (names, values, dtypes) as transformers' XIELUActivation, a
+    state_dict that loads either way, the same function and gradients (alpha_p's and alpha_n's included).
+    fp32: both compute in fp32 from the same coefficients; fusedact rounds once, so a few ULPs."""
+    activations = pytest.importorskip("transformers.activations")
+    kwargs = dict(alpha_p_init=0.6, alpha_n_init=1.1, beta=0.4, eps=-1e-5, dtype=torch.float32)
+    module, reference = fusedact.nn.XIELU(**kwargs), activations.XIELUActivation(**kwargs)
+    assert list(module.state_dict()) == list(reference.state_dict()) == ["alpha_p", "alpha_n", "beta", "eps"]
+    for key, value in reference.state_dict().items():
+        assert torch.equal(module.state_dict()[key], value) and module.state_dict()[key].dtype == value.dtype, key
+    with torch.no_grad():
+        reference.alpha_p.add_(0.25), reference.alpha_n.sub_(0.5)  # trained values, loaded into fusedact's
+    module.load_state_dict(reference.state_dict())
+    reference.load_state_dict(module.state_dict())
+    module, reference = module.to(device), reference.to(device)
+    x = 3 * torch.randn(6, 40, device=device)
+    x[0, :3] = torch.tensor([0.0, -1e-6, -1e-5])  # around eps: the clamp of the negative side
+    x_reference = x.clone().requires_grad_()
+    x.requires_grad_()
+    y, y_reference = module(x), reference(x_reference)
+    torch.testing.assert_close(y, y_reference, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_reference.backward(grad)
+    torch.testing.assert_close(x.grad, x_reference.grad, rtol=1e-5, atol=1e-6)
+    for name in ("alpha_p", "alpha_n"):  # sums over 240 elements: fp32 rounding of the sum's order
+        ours, theirs = getattr(module, name).grad, getattr(reference, name).grad
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_xielu_default_dtype_and_sharing():
+    """The default dtype is bfloat16, as transformers'; ``sharing`` takes the module's very tensors."""
+    module = fusedact.nn.XIELU()
+    assert module.alpha_p.dtype == module.beta.dtype == torch.bfloat16 and module.alpha_p.shape == (1,)
+    shared = fusedact.nn.XIELU.sharing(module)
+    assert shared.alpha_p is module.alpha_p and shared.eps is module.eps
+    assert (shared._beta_scalar, shared._eps_scalar) == (module._beta_scalar, module._eps_scalar)
