@@ -247,6 +247,25 @@ ARCHITECTURES = [
         _logits,
     ),
     Architecture(
+        "LeViT",
+        "transformers",
+        _hf(
+            "LevitConfig",
+            "LevitForImageClassification",
+            image_size=64,
+            hidden_sizes=[16, 32],
+            num_attention_heads=[2, 2],
+            depths=[1, 1],
+            key_dim=[8, 8],
+            mlp_ratio=[2, 2],
+            attention_ratio=[2, 2],
+            down_ops=[["Subsample", 8, 2, 4, 2, 2]],
+            num_labels=10,
+        ),
+        lambda: _images(64),
+        _logits,
+    ),
+    Architecture(
         "ViT",
         "transformers",
         _hf("ViTConfig", "ViTForImageClassification", **_VISION, intermediate_size=64),
@@ -306,6 +325,8 @@ ARCHITECTURES = [
     ),
     Architecture("timm mobilenetv3", "timm", _timm("mobilenetv3_small_050"), _images),
     Architecture("timm efficientnet_b0", "timm", _timm("efficientnet_b0"), _images),
+    Architecture("timm tf_efficientnet_lite0", "timm", _timm("tf_efficientnet_lite0"), _images),
+    Architecture("timm lcnet_050", "timm", _timm("lcnet_050"), _images),
     Architecture("timm convnext_atto", "timm", _timm("convnext_atto"), _images),
 ]
 BY_NAME = {architecture.name: architecture for architecture in ARCHITECTURES}
@@ -314,6 +335,7 @@ BY_NAME = {architecture.name: architecture for architecture in ARCHITECTURES}
 # --- The coverage table -----------------------------------------------------------------------------------
 
 _GATED_KIND = re.compile(r"\((\w+(?:/\w+)*) (?:packed )?gated kernel")
+_FOLDED_KIND = re.compile(r"Folded\w*\((\w+)")  # FoldedBias(gelu, ...), FoldedXIELU(xielu, ...)
 
 
 def _counted(counter: Counter) -> str:
@@ -327,6 +349,7 @@ def coverage_row(architecture: Architecture, report) -> list:
     gated = Counter(
         _GATED_KIND.search(c.after).group(1)
         + (" packed" if "halves" in c.after else "")
+        + (" scaled" if "gate scale" in c.after else "")
         + (" + biases" if "folded" in c.after else "")
         for c in changes
         if c.action == "gated_mlp"
@@ -337,9 +360,7 @@ def coverage_row(architecture: Architecture, report) -> list:
         for c in changes
         if c.action == "lean_mlp" or (c.action == "gated_mlp" and "lean block" in c.after)
     )
-    folded = Counter(
-        c.after.split("FoldedBias(")[1].split(",")[0].rstrip(")") for c in changes if c.action == "fold_bias"
-    )
+    folded = Counter(_FOLDED_KIND.search(c.after).group(1) for c in changes if c.action == "fold_bias")
     swapped = Counter(re.sub(r"^fusedact\.|\(.*$", "", c.after) for c in changes if c.action == "replace")
     left = Counter(
         f"{item.module} ({item.reason.split(' (')[0].replace('not an activation fusedact recognizes', 'unknown')})"

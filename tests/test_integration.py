@@ -1,7 +1,7 @@
 """fusedact.patch on real architectures, built from tiny random-weight configs (nothing downloaded):
 transformers Llama, Mistral, Qwen2, GPT-2 and BERT in detail (bf16, state_dict, compile); every architecture
 of tests/architectures.py (MoE, Phi-3, T5 v1.1, Falcon, Falcon-H1, Gemma-2, RoBERTa, Whisper, CLIP, BLOOM,
-Apertus, MobileNet v2, ...) for the same function, what patch fused, and the README's coverage table; timm's
+Apertus, MobileNet v2, LeViT, ...) for the same function, what patch fused, and the README's coverage table; timm's
 in test_timm.py.
 
 Each patched model must give the unpatched model's logits and every parameter's gradient:
@@ -188,8 +188,15 @@ KERNELS = {
     "ViT": {"lean_mlp"},
     "CLIP": {"lean_mlp"},
     "Falcon": {"bias_act"},  # FalconLinear's bias folded into the GELU
-    "Falcon-H1": {"gated"},  # the scaled gate
+    "Falcon-H1": {"gated"},  # the scaled gate: gate_multiplier as the kernel's gate_scale (test below)
+    "BLOOM": {"bias_act"},  # BloomGelu (the tanh GELU) with dense_h_to_4h's bias folded in
+    "Apertus": {"xielu"},  # XIELU on the model's alpha_p/alpha_n (their gradients compared with the rest)
+    "MobileNet v2": {"relu6"},  # conv -> BatchNorm -> ReLU6: no bias to fold
+    "LeViT": {"hardswish"},
     "timm vit_tiny": {"lean_mlp"},  # timm's Mlp (drop1 and norm inert); checked in test_timm.py
+    "timm mobilenetv3": {"hardswish", "hardsigmoid"},  # the SqueezeExcite gates: hard sigmoids
+    "timm tf_efficientnet_lite0": {"relu6"},
+    "timm lcnet_050": {"hardswish", "hardsigmoid"},
 }
 LEAN_KERNELS = {"lean_gated", "lean_gated_packed", "lean_mlp"}
 # Where the lean blocks' results are not bitwise the fused path's for the whole model, and why (elsewhere
@@ -258,3 +265,24 @@ def test_architecture_matches_unpatched_and_its_coverage_row(architecture):
     assert rows.get(architecture.name) == expected, (
         f"README's coverage row for {architecture.name} is stale: run `python tests/architectures.py --write`"
     )
+
+
+def test_falcon_h1_gate_multiplier_is_the_kernels_gate_scale(monkeypatch):
+    """Falcon-H1's ``act_fn(gate_proj(x) * gate_multiplier)``: the number reaches the gated kernel as its
+    ``gate_scale`` (not a scaled gate computed before it); the model is checked whole above."""
+    from architectures import BY_NAME
+
+    model = BY_NAME["Falcon-H1"].build()
+    report = fusedact.patch(model)
+    mlps = [change for change in report.changes if change.action == "gated_mlp"]
+    assert len(mlps) == 2 and all("gate scale in the kernel" in change.after for change in mlps), str(report)
+    scales = []
+    gated = fusedact.functional.gated
+
+    def spy(*args, gate_scale=1.0, **kwargs):
+        scales.append(gate_scale)
+        return gated(*args, gate_scale=gate_scale, **kwargs)
+
+    monkeypatch.setattr(fusedact.functional, "gated", spy)
+    run(BY_NAME["Falcon-H1"], model)
+    assert scales == [0.7, 0.7]  # the config's mlp_multipliers[0], once per layer

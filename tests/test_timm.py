@@ -84,3 +84,33 @@ def test_architecture_matches_unpatched_and_its_coverage_row(architecture):
     assert rows.get(architecture.name) == expected, (
         f"README's coverage row for {architecture.name} is stale: run `python tests/architectures.py --write`"
     )
+
+
+# timm's own activation classes (timm.layers.activations, and the memory-efficient autograd.Function ones of
+# activations_me that timm builds where it is asked to): folded with the Linear's bias, or swapped.
+TIMM_ACTIVATIONS = [
+    ("activations", "HardSwish", "hardswish"),
+    ("activations", "HardSigmoid", "hardsigmoid"),
+    ("activations_me", "SwishMe", "silu"),
+    ("activations_me", "MishMe", "mish"),
+    ("activations_me", "HardSwishMe", "hardswish"),
+    ("activations_me", "HardSigmoidMe", "hardsigmoid"),
+]
+
+
+@pytest.mark.parametrize("module,name,kind", TIMM_ACTIVATIONS, ids=[name for _, name, _ in TIMM_ACTIVATIONS])
+def test_timm_activation_classes(module, name, kind):
+    import importlib
+
+    from patch_checks import assert_same_function, assert_same_state_dict
+
+    cls = getattr(importlib.import_module(f"timm.layers.{module}"), name)
+    assert fusedact.patching.activation_kind(cls()) == (kind, {})
+    torch.manual_seed(0)
+    for bias, action in ((True, "fold_bias"), (False, "replace")):
+        model = torch.nn.Sequential(torch.nn.Linear(6, 10, bias=bias), cls(), torch.nn.Linear(10, 4, bias=False))
+        original = copy.deepcopy(model)
+        report = fusedact.patch(model, lean_mlp=False)
+        assert [(c.path, c.action) for c in report.changes] == [("1", action)] and report.left == []
+        assert_same_state_dict(model, original)
+        assert_same_function(model, original, 4 * torch.randn(7, 6))

@@ -2,10 +2,12 @@
 
 These things happen, each only where fusedact can prove it computes the same function:
 
-1. **Activation modules** (``nn.ReLU``, ``nn.GELU(approximate=...)``, ``nn.LeakyReLU(negative_slope)``, ...,
-   the objects Hugging Face's ``ACT2FN`` builds such as ``GELUActivation`` or ``NewGELUActivation``, and
-   timm's) are replaced by the ``fusedact.nn`` module of the same kind and settings. Classes are matched
-   exactly: a subclass may override ``forward``, so it is left alone.
+1. **Activation modules** (``nn.ReLU``, ``nn.GELU(approximate=...)``, ``nn.LeakyReLU(negative_slope)``,
+   ``nn.ReLU6``, ``nn.Hardtanh``, ``nn.Hardswish``, ``nn.Hardsigmoid``, ``nn.Softplus``, ..., the objects
+   Hugging Face's ``ACT2FN`` builds such as ``GELUActivation`` or ``NewGELUActivation``, BLOOM's
+   ``BloomGelu``, and timm's) are replaced by the ``fusedact.nn`` module of the same kind and settings; the
+   learned ``XIELUActivation`` (Apertus) by ``fusedact.nn.XIELU`` on its own Parameters and buffers.
+   Classes are matched exactly: a subclass may override ``forward``, so it is left alone.
 2. **Bias folding**: where a ``nn.Linear``, ``nn.Conv1d/2d/3d`` or Hugging Face ``Conv1D`` with a bias feeds
    an activation directly, the layer skips its bias and the activation adds it in its kernel (one read,
    one write instead of two of each). "Directly" is read from the code: adjacent children of a plain
@@ -22,7 +24,8 @@ These things happen, each only where fusedact can prove it computes the same fun
    ``fusedact.mlp``'s lean block (``lean_mlp=True``, the default; also Phi-3's packed MLP).
 4. **Gated products** ``act(gate) * up`` anywhere in a forward (``gated_forward``, read with ``products``):
    Phi-3's packed ``gate_up_proj`` split with ``chunk(2, dim=-1)`` (both halves read in place), T5 v1.1's
-   ``wi_0``/``wi_1``, timm's ``SwiGLU``/``GluMlp``, Falcon-H1's scaled gate, ``F.silu(w1(x)) * w3(x)``.
+   ``wi_0``/``wi_1``, timm's ``SwiGLU``/``GluMlp``, Falcon-H1's scaled gate (the number the kernel's
+   ``gate_scale``), ``F.silu(w1(x)) * w3(x)``.
 5. **Mixture-of-experts experts** of transformers 5 (Mixtral, Qwen2/3-MoE, DeepSeek-V3: one 3-D
    ``gate_up_proj``) run the packed gated kernel in every implementation their dispatcher picks (``experts``).
 6. **Two-layer MLPs** ``fc2(act(fc1(x)))`` whose fc1 bias was folded (GPT-2's, ViT's, CLIP's, timm's ``Mlp``,
