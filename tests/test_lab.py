@@ -497,7 +497,7 @@ def torch_model() -> nn.Sequential:
         nn.Linear(8, 8),
         nn.GELU(approximate="tanh"),
         nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.2)),
-        nn.Softplus(),  # looks like an activation, and fusedact does not know it
+        nn.Softsign(),  # looks like an activation, and fusedact does not know it
         fusedact.nn.SiLU(),
         fusedact.nn.BiasAct(8, "elu", alpha=0.5),
     )
@@ -531,7 +531,7 @@ def test_inspect_torch_model_before_and_after_patch():
     assert "6 activation modules" in text and "2 fused" in text
     table = {line.split()[0]: line.split() for line in text.splitlines()[3:]}
     assert table["4.1"] == ["4.1", "leaky_relu", "negative_slope=0.2", "no", "torch.nn.modules.activation.LeakyReLU"]
-    assert table["5"] == ["5", "?", "(not", "recognized)", "-", "no", "torch.nn.modules.activation.Softplus"]
+    assert table["5"] == ["5", "?", "(not", "recognized)", "-", "no", "torch.nn.modules.activation.Softsign"]
 
     x = torch.randn(5, 3)
     expected = model(x)
@@ -544,7 +544,7 @@ def test_inspect_torch_model_before_and_after_patch():
         "FoldedBias",
         "FoldedBias",
         "FoldedBias",
-        "Softplus",
+        "Softsign",
         "SiLU",
         "BiasAct",
     ]
