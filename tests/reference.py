@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+# fusedact.xielu's (and transformers' XIELUActivation's) defaults
+XIELU_DEFAULTS = {"alpha_p": 0.8, "alpha_n": 0.8, "beta": 0.5, "eps": -1e-6}
 # (name, fusedact function name, keyword parameters)
 SINGLE_CASES = [
     ("relu", "relu", {}),
@@ -41,6 +43,16 @@ SINGLE_CASES = [
     ("mish", "mish", {}),
     ("heaviside", "heaviside", {"value": 0.5}),
     ("heaviside_straight_through", "heaviside", {"value": 0.5, "straight_through": True}),
+    ("relu6", "relu6", {}),
+    ("hardtanh", "hardtanh", {"min_val": -0.5, "max_val": 2.0}),
+    ("hardswish", "hardswish", {}),
+    ("hardsigmoid", "hardsigmoid", {}),
+    ("softplus", "softplus", {}),
+    ("softplus_beta_threshold", "softplus", {"beta": 2.0, "threshold": 3.0}),
+    # transformers' XIELUActivation at its initial values (alpha_p = softplus(raw_p), alpha_n = beta +
+    # softplus(raw_n)), and coefficients as training leaves them, alpha_n below beta too (f(-inf) = -inf)
+    ("xielu", "xielu", dict(XIELU_DEFAULTS)),
+    ("xielu_learned", "xielu", {"alpha_p": 1.75, "alpha_n": 0.375, "beta": 0.625, "eps": -1e-4}),
 ]
 # Smooth activations whose PyTorch formula gives NaN at +-inf: the reference takes the limits
 # f(+inf) = +inf, f(-inf) = -0.0, f'(+inf) = 1, f'(-inf) = 0.
@@ -82,7 +94,37 @@ def reference_activation(z: torch.Tensor, function: str, params: dict) -> torch.
         return F.mish(z)
     if function == "heaviside":
         return _Step.apply(z, params["value"], params.get("straight_through", False))
+    if function == "relu6":
+        return F.relu6(z)
+    if function == "hardtanh":
+        return F.hardtanh(z, params.get("min_val", -1.0), params.get("max_val", 1.0))
+    if function == "hardswish":
+        return F.hardswish(z)
+    if function == "hardsigmoid":
+        return F.hardsigmoid(z)
+    if function == "softplus":
+        return F.softplus(z, params.get("beta", 1.0), params.get("threshold", 20.0))
+    if function == "xielu":
+        return xielu_reference(z, **{**XIELU_DEFAULTS, **params})
     raise ValueError(function)
+
+
+def xielu_reference(z: torch.Tensor, alpha_p, alpha_n, beta: float, eps: float) -> torch.Tensor:
+    """transformers' ``XIELUActivation._xielu_python`` with its coefficients already through softplus:
+    ``alpha_p`` and ``alpha_n`` floats or tensors (one value, or one per channel of the last dimension:
+    they broadcast), differentiable in z and in them."""
+    alpha_p, alpha_n = (torch.as_tensor(a, dtype=z.dtype, device=z.device) for a in (alpha_p, alpha_n))
+    eps = torch.tensor(eps, dtype=z.dtype, device=z.device)
+    return torch.where(z > 0, alpha_p * z * z + beta * z, (torch.expm1(torch.min(z, eps)) - z) * alpha_n + beta * z)
+
+
+def held_params(function: str, params: dict, dtype: torch.dtype) -> dict:
+    """``params`` as fusedact holds them for an input of ``dtype``: xielu's float parameters (and float
+    coefficients) are fp32 numbers below float64 (``fusedact.xielu``). A reference must use those: the
+    negative side cancels where it crosses 0, so a parameter 1e-8 away moves the result by many ULPs there."""
+    if function != "xielu" or dtype == torch.float64:
+        return params
+    return {k: float(torch.tensor(v, dtype=torch.float32)) if isinstance(v, float) else v for k, v in params.items()}
 
 
 class _Step(torch.autograd.Function):
@@ -241,6 +283,37 @@ def exact_activation(z: torch.Tensor, function: str, params: dict) -> tuple[torc
     if function == "heaviside":
         step = torch.heaviside(z, torch.tensor(params["value"], dtype=torch.float64))
         return step, one if params.get("straight_through", False) else torch.zeros_like(z)
+    if function in ("relu6", "hardtanh"):
+        low, high = (0.0, 6.0) if function == "relu6" else (params.get("min_val", -1.0), params.get("max_val", 1.0))
+        # the gradient passes at a NaN input (fusedact.differences "hard_nan_gradient"), 0 at the kinks
+        inside = ((z > low) & (z < high)) | torch.isnan(z)
+        return torch.clamp(z, low, high), inside.to(z.dtype)
+    if function == "hardswish":
+        gate = torch.clamp(z + 3.0, 0.0, 6.0) / 6.0
+        derivative = torch.where(z <= -3.0, 0.0, torch.where(z < 3.0, (2.0 * z + 3.0) / 6.0, one))
+        return _times(z, gate), torch.where(torch.isnan(z), one, derivative)  # (NaN passes the gradient)
+    if function == "hardsigmoid":
+        inside = (z > -3.0) & (z < 3.0)
+        return torch.clamp(z + 3.0, 0.0, 6.0) / 6.0, torch.where(inside, one / 6.0, 0.0)
+    if function == "softplus":
+        beta, threshold = params.get("beta", 1.0), params.get("threshold", 20.0)
+        t = beta * z
+        value = (torch.clamp(t, min=0.0) + torch.log1p(torch.exp(-t.abs()))) / beta  # no overflow, no cancellation
+        linear = t > threshold
+        return torch.where(linear, z, value), torch.where(linear, one, _sigmoid64(t))
+    if function == "xielu":
+        p = {**XIELU_DEFAULTS, **params}
+        alpha_p, alpha_n, beta, eps = p["alpha_p"], p["alpha_n"], p["beta"], p["eps"]
+        m = torch.clamp(z, max=eps)
+        # alpha_n (expm1(m) - z) + beta z as alpha_n expm1(m) + (beta - alpha_n) z: float64's roundings are
+        # 1e-16 of terms of size |z|, where the sum crosses 0 (z = -2.4 by default) they are what is left
+        linear = torch.where(torch.isinf(z) & (beta == alpha_n), 0.0, (beta - alpha_n) * z)
+        negative = alpha_n * torch.expm1(m) + linear
+        m_slope = torch.where(z < eps, one, torch.where(z == eps, 0.5 * one, 0.0))  # (min splits a tie)
+        negative_slope = alpha_n * (m_slope * torch.exp(m) - 1.0) + beta
+        value = torch.where(z > 0, alpha_p * z * z + beta * z, negative)
+        derivative = torch.where(z > 0, 2.0 * alpha_p * z + beta, negative_slope)
+        return value, torch.where(torch.isnan(z), z, derivative)
     raise ValueError(function)
 
 

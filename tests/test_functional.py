@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fusedact
+from fusedact import differences
 from reference import (
     LIMIT_FIXED,
     SAVES_OUTPUT,
@@ -15,6 +16,7 @@ from reference import (
     cancellation_floor,
     float64_reference,
     gate_reference,
+    held_params,
     reference_activation,
     ulp,
 )
@@ -57,7 +59,9 @@ def with_bias(x, bias):
 
 
 def reference_single(x, bias, function, params, grad_y):
-    """Output, grad_x and grad_bias of f(x + bias) in float64, and the pre-activation z."""
+    """Output, grad_x and grad_bias of f(x + bias) in float64, and the pre-activation z; where fusedact
+    differs from PyTorch on purpose (NaN, +-inf), what ``fusedact.differences`` says it returns."""
+    params = held_params(function, params, x.dtype)
     y, (grad_x, grad_bias) = float64_reference(
         lambda x, b: reference_activation(with_bias(x, b), function, params), [x, bias], grad_y
     )
@@ -66,6 +70,9 @@ def reference_single(x, bias, function, params, grad_y):
         y = torch.where(z == math.inf, math.inf, torch.where(z == -math.inf, -0.0, y))
         grad_x = torch.where(z == math.inf, grad_y.detach().double().cpu(), grad_x)
         grad_x = torch.where(z == -math.inf, 0.0, grad_x)
+    g = grad_y.detach().double().cpu()
+    y = differences.expected_output(function, z, y, **params)
+    grad_x = differences.expected_gradient(function, z, grad_x, g, **params)
     return y, grad_x, grad_bias, z
 
 
@@ -199,7 +206,9 @@ def test_one_rounding(case, dtype, device):
 
 
 SPECIAL = [0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 1e20, -1e20, 3e38, -3e38, 1e-30, -1e-30, 60.0, -60.0,
-           100.0, -100.0, 1000.0, -1000.0]  # fmt: skip
+           100.0, -100.0, 1000.0, -1000.0,
+           3.0, -3.0, 6.0, 2.0, -0.5, -1e-6, -1e-4, 1.5, 10.0]  # fmt: skip
+# (the last row: the hard family's kinks, softplus's thresholds, xielu's eps)
 
 
 @pytest.mark.parametrize("case", SINGLE_CASES, ids=[c[0] for c in SINGLE_CASES])
@@ -210,7 +219,7 @@ def test_special_values(case, device):
     y = getattr(fusedact, function)(x, **params)
     y.backward(torch.ones_like(y))
     y_ref, grad_ref, _, z = reference_single(x, None, function, params, torch.ones_like(y))
-    if function in ("relu", "leaky_relu", "relu_squared", "heaviside"):  # selections and products: bitwise
+    if function in ("relu", "leaky_relu", "relu_squared", "heaviside", "relu6", "hardtanh"):  # selections: bitwise
         y_torch = reference_activation(x.detach().cpu(), function, params)
         torch.testing.assert_close(y.detach().cpu(), y_torch, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(torch.signbit(y.detach().cpu()), torch.signbit(y_torch)), "signed zeros differ"

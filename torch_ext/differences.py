@@ -122,6 +122,14 @@ def _xielu_limit(z: Tensor, reference: Tensor, params: dict) -> Tensor:
     return torch.where((z == -torch.inf) & torch.isnan(reference), limit.to(z.device), reference)
 
 
+def _xielu_limit_gradient(z: Tensor, reference: Optional[Tensor], grad_y: Tensor, params: dict) -> Tensor:
+    """At -inf the derivative tends to beta - alpha_n; transformers' formula gives NaN there (its z > 0
+    branch's gradient, 0 * z * z, is 0 * inf)."""
+    alpha_n = torch.as_tensor(params.get("alpha_n", 0.8), dtype=z.dtype).reshape(-1).to(z.device)
+    limit = grad_y * (params.get("beta", 0.5) - alpha_n)
+    return torch.where((z == -torch.inf) & torch.isnan(reference) & ~torch.isnan(grad_y), limit, reference)
+
+
 def _nan_gradient(z: Tensor, reference: Optional[Tensor], grad_y: Tensor, params: dict) -> Tensor:
     return torch.where(torch.isnan(z), torch.nan, reference)
 
@@ -150,9 +158,11 @@ DIFFERENCES: tuple[Difference, ...] = (
         summary="`xielu(-inf)` is its limit, +inf, where transformers' formula gives `inf - inf = NaN`",
         pytorch="NaN: alpha_n (expm1(-inf) - (-inf)) + beta (-inf) = inf - inf",
         fusedact="the limit of (beta - alpha_n) z - alpha_n: +inf (alpha_n > beta, as transformers' "
-        "beta + softplus(raw) always is)",
+        "beta + softplus(raw) always is); its gradient there is the derivative's limit, grad * (beta - alpha_n), "
+        "where the formula's gradient is NaN too (0 * inf in the branch not taken)",
         reason="the function has a limit there; a NaN would poison a whole row for an input it is defined on",
         output_rule=_xielu_limit,
+        gradient_rule=_xielu_limit_gradient,
     ),
     Difference(
         name="elu_nan_gradient",
