@@ -35,7 +35,16 @@ import pytest
 import torch
 
 import fusedact
-from reference import SAVES_OUTPUT, SINGLE_CASES, exact_activation, saved_output_derivative, ulp, ulp_error
+from reference import (
+    SAVES_OUTPUT,
+    SINGLE_CASES,
+    XIELU_DEFAULTS,
+    exact_activation,
+    held_params,
+    saved_output_derivative,
+    ulp,
+    ulp_error,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -122,6 +131,7 @@ def measure(function, params, dtype, device, stride, gated=False):
     x = inputs_for(dtype, stride)
     y, grad = run_case(function, params, x, device, gated)
     z = x.to(torch.float64)
+    params = held_params(function, params, dtype)
     value, slope = exact_activation(z, function, params)
     if function in SAVES_OUTPUT:  # the backward reads the stored (rounded) output, as eager does; gated
         # ops their fp32 activation, as F.glu's backward (so 1 - s is 0 where s rounds to 1)
@@ -212,7 +222,8 @@ def gpu_model(direction: float):
 # ---------------------------------------------------------------------------------------------------
 # Tests
 
-_SMOOTH_CASES = [c for c in SINGLE_CASES if not c[1].startswith(("relu", "leaky", "heaviside"))]
+# (the hard family is piecewise linear or quadratic: no exp, nothing the GPU approximates; exact in float64)
+_SMOOTH_CASES = [c for c in SINGLE_CASES if not c[1].startswith(("relu", "leaky", "heaviside", "hard"))]
 
 
 @pytest.mark.parametrize("case", SINGLE_CASES, ids=[c[0] for c in SINGLE_CASES])
@@ -273,6 +284,7 @@ def test_edges(case, dtype, name):
     with backend(name) as device:
         y, grad = run_case(function, params, x, device)
     z = x.to(torch.float64)
+    params = held_params(function, params, dtype)
     value, slope = exact_activation(z, function, params)
     if function in SAVES_OUTPUT:
         slope = saved_output_derivative(y, function)
@@ -367,6 +379,18 @@ def _mpmath_activation(mpmath, z, function, params):
     if function == "mish":
         t = mpmath.tanh(mpmath.log1p(mpmath.exp(z)))
         return z * t, t + z * (1 - t * t) * sigmoid(z)
+    if function == "softplus":
+        beta, threshold = mpmath.mpf(params.get("beta", 1.0)), params.get("threshold", 20.0)
+        if beta * z > threshold:
+            return z, mpmath.mpf(1)
+        return mpmath.log1p(mpmath.exp(beta * z)) / beta, sigmoid(beta * z)
+    if function == "xielu":
+        p = {**XIELU_DEFAULTS, **params}
+        alpha_p, alpha_n, beta, eps = (mpmath.mpf(p[k]) for k in ("alpha_p", "alpha_n", "beta", "eps"))
+        if z > 0:
+            return alpha_p * z * z + beta * z, 2 * alpha_p * z + beta
+        m, m_slope = (z, 1) if z < eps else (eps, 0)
+        return alpha_n * (mpmath.expm1(m) - z) + beta * z, alpha_n * (m_slope * mpmath.exp(m) - 1) + beta
     raise ValueError(function)
 
 
