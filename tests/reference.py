@@ -100,8 +100,9 @@ def reference_activation(z: torch.Tensor, function: str, params: dict) -> torch.
         return F.hardtanh(z, params.get("min_val", -1.0), params.get("max_val", 1.0))
     if function == "hardswish":
         return F.hardswish(z)
-    if function == "hardsigmoid":
-        return F.hardsigmoid(z)
+    if function == "hardsigmoid":  # F.hardsigmoid's value and kinks, from ops with second derivatives (its
+        # hardsigmoid_backward has none, and multiplies by 1/6 rounded to fp32 even in float64)
+        return F.relu6(z + 3.0) / 6.0
     if function == "softplus":
         return F.softplus(z, params.get("beta", 1.0), params.get("threshold", 20.0))
     if function == "xielu":

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import fusedact
 from fusedact import ops
-from reference import SINGLE_CASES, gate_reference, reference_activation
+from reference import SINGLE_CASES, gate_reference, reference_activation, xielu_reference
 
 # PyTorch's silu_backward and mish_backward have no derivative: the fallback takes differentiable formulas
 # instead when grad mode is on in backward (torch_ext/_fallback.py), so every case is twice differentiable.
@@ -120,6 +120,58 @@ def test_gradgradcheck_prelu(weight_size, with_bias):
     if bias is not None:
         x = x + torch.sign(x) * 0.1
     assert torch.autograd.gradgradcheck(fusedact.prelu, tuple(_leaves(x, weight, bias)))
+
+
+def _xielu_coefficients(size, generator, dtype=torch.float64):
+    """alpha_p in [0.3, 1.3], alpha_n in [0.6, 1.6] (above beta = 0.5, as transformers' always is)."""
+    return (
+        0.3 + torch.rand(size, generator=generator, dtype=dtype),
+        0.6 + torch.rand(size, generator=generator, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("size", [1, 5], ids=["shared", "perchannel"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_gradgradcheck_xielu(size, with_bias):
+    """xIELU's coefficients' gradients are themselves differentiated (in z, and in alpha_p, alpha_n)."""
+    generator = torch.Generator().manual_seed(10)
+    x = _away_from_kinks(3, 5, generator=generator)
+    alpha_p, alpha_n = _xielu_coefficients(size, generator)
+    bias = 0.1 * torch.rand(5, generator=generator, dtype=torch.float64) if with_bias else None
+    if bias is not None:
+        x = x + torch.sign(x) * 0.1
+
+    def f(x, alpha_p, alpha_n, bias):
+        return fusedact.xielu(x, bias, alpha_p, alpha_n, beta=0.5, eps=-1e-6)
+
+    assert torch.autograd.gradgradcheck(f, tuple(_leaves(x, alpha_p, alpha_n, bias)))
+
+
+@pytest.mark.parametrize("size", [1, 7], ids=["shared", "perchannel"])
+def test_second_order_xielu_coefficients(size, device):
+    """A penalty on the gradients of x and of both coefficients reaches x, alpha_p, alpha_n and the bias, as
+    float64 autograd through transformers' formula."""
+    generator = torch.Generator().manual_seed(11)
+    x64 = _away_from_kinks(4, 7, generator=generator, dtype=torch.float64) * 2
+    alpha_p64, alpha_n64 = _xielu_coefficients(size, generator)
+    bias64 = 0.1 * torch.rand(7, generator=generator, dtype=torch.float64)
+
+    def run(xielu, dtype, device):
+        leaves = _leaves(*(t.to(dtype).to(device) for t in (x64, alpha_p64, alpha_n64, bias64)))
+        y = xielu(*leaves)
+        first = torch.autograd.grad(y.square().sum(), leaves[:3], create_graph=True)
+        sum(g.square().sum() for g in first).backward()
+        return [y, *first, *(t.grad for t in leaves)]
+
+    def reference(x, alpha_p, alpha_n, bias):
+        return xielu_reference(x + bias, alpha_p, alpha_n, 0.5, -1e-6)
+
+    actual = run(lambda x, p, n, b: fusedact.xielu(x, b, p, n, beta=0.5, eps=-1e-6), torch.float32, device)
+    expected = run(reference, torch.float64, "cpu")
+    names = ["y", "dx", "dalpha_p", "dalpha_n", "x", "alpha_p", "alpha_n", "bias"]
+    for name, a, e in zip(names, actual, expected, strict=True):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(a.double().cpu(), e, rtol=1e-5, atol=1e-5 * (1 + scale), msg=name)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
