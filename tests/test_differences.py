@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fusedact
 from fusedact import differences
-from reference import ulp
+from reference import ulp, xielu_reference
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -61,6 +61,18 @@ LIMIT_CASES = [
     ("swish", {"beta": -0.5}, lambda z: z * torch.sigmoid(-0.5 * z)),
     ("quick_gelu", {}, lambda z: z * torch.sigmoid(1.702 * z)),
     ("mish", {}, F.mish),
+    ("hardswish", {}, F.hardswish),
+    # xielu: +inf at -inf for alpha_n > beta (transformers' always), -inf below; the gradient beta - alpha_n
+    (
+        "xielu",
+        {"alpha_p": 0.75, "alpha_n": 1.25, "beta": 0.5, "eps": -1e-6},
+        lambda z: xielu_reference(z, 0.75, 1.25, 0.5, -1e-6),
+    ),
+    (
+        "xielu",
+        {"alpha_p": 0.75, "alpha_n": 0.25, "beta": 0.5, "eps": -1e-6},
+        lambda z: xielu_reference(z, 0.75, 0.25, 0.5, -1e-6),
+    ),
 ]
 
 
@@ -87,8 +99,12 @@ def test_limits(function, params, torch_function, dtype, device):
     y = getattr(fusedact, function)(x, **params)
     y.backward(torch.ones_like(y))
     if dtype == torch.float32:  # 1e200 is inf in fp32: there every element is at a limit
-        z32 = z.to(dtype).double()
-        expected = differences.expected_output(function, z32, torch_function(z32), **params)
+        z32 = z.to(dtype).double().requires_grad_()
+        y32 = torch_function(z32)
+        (grad32,) = torch.autograd.grad(y32, z32, torch.ones_like(z))  # (xielu's grows with z: not 1 at 1e200)
+        z32 = z32.detach()
+        expected = differences.expected_output(function, z32, y32.detach(), **params)
+        expected_grad = differences.expected_gradient(function, z32, grad32, torch.ones_like(z), **params)
         at_limit = ~torch.isfinite(z32)
         y, x_grad, expected, expected_grad = (
             y.detach().cpu().double()[at_limit], x.grad.cpu().double()[at_limit], expected[at_limit],
@@ -127,6 +143,19 @@ def test_celu_gradient_float64():
     expected = differences.expected_gradient("celu", z.detach(), z.grad, torch.ones(3, dtype=torch.float64), alpha=0.8)
     torch.testing.assert_close(x.grad, expected, rtol=1e-15, atol=0)
     torch.testing.assert_close(expected, exact, rtol=1e-15, atol=0)
+
+
+def test_hardsigmoid_gradient_float64():
+    """PyTorch's hardsigmoid backward multiplies by float32(1/6), in float64 too."""
+    z = torch.tensor([-0.5, -2.0, 1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    F.hardsigmoid(z).sum().backward()
+    exact = torch.tensor([1 / 6, 1 / 6, 1 / 6, 0.0], dtype=torch.float64)
+    assert (z.grad - exact).abs().max() > 1e-9, "PyTorch's hardsigmoid gradient is exact in float64 now"
+    x = z.detach().clone().requires_grad_()
+    fusedact.hardsigmoid(x).sum().backward()
+    expected = differences.expected_gradient("hardsigmoid", z.detach(), z.grad, torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+    torch.testing.assert_close(expected, exact, rtol=0, atol=0)
 
 
 def test_one_rounding(device):

@@ -154,6 +154,11 @@ MIRRORS = {
     ("softmax", ""): _softmax("softmax"),
     ("log_softmax", ""): _softmax("log_softmax"),
     ("heaviside", ""): _heaviside,
+    ("nn.functional.relu6", ""): _elementwise("relu6"),
+    ("nn.functional.hardtanh", ""): _elementwise("hardtanh", ("min_val", "max_val")),
+    ("nn.functional.hardswish", ""): _elementwise("hardswish"),
+    ("nn.functional.hardsigmoid", ""): _elementwise("hardsigmoid"),
+    ("nn.functional.softplus", ""): _elementwise("softplus", ("beta", "threshold")),
 }
 OPINFOS = {(op.name, op.variant_test_name): op for op in op_db if (op.name, op.variant_test_name) in MIRRORS}
 

@@ -109,6 +109,13 @@ def _celu_gradient(z: Tensor, reference: Optional[Tensor], grad_y: Tensor, param
     return torch.where(torch.isnan(z), reference, exact)  # (the gradient at NaN is another matter)
 
 
+def _hardsigmoid_gradient(z: Tensor, reference: Optional[Tensor], grad_y: Tensor, params: dict) -> Tensor:
+    if z.dtype != torch.float64:  # within every lower precision's tolerance: PyTorch's value stands
+        return reference
+    exact = torch.where((z > -3) & (z < 3), grad_y / 6, torch.zeros_like(grad_y))
+    return torch.where(torch.isnan(z), reference, exact)
+
+
 def _step_gradient(z: Tensor, reference: Optional[Tensor], grad_y: Tensor, params: dict) -> Tensor:
     return grad_y.clone() if params.get("straight_through", False) else torch.zeros_like(grad_y)
 
@@ -207,6 +214,16 @@ DIFFERENCES: tuple[Difference, ...] = (
         fusedact="exp(z / alpha) in float64: the float64 value",
         reason="float64 is asked for to be exact; the lower precisions are unaffected (below their rounding)",
         gradient_rule=_celu_gradient,
+    ),
+    Difference(
+        name="hardsigmoid_gradient_float64",
+        functions=("hardsigmoid",),
+        summary="`hardsigmoid`'s float64 gradient is `grad / 6` in float64 (PyTorch's multiplies by 1/6 "
+        "rounded to float32)",
+        pytorch="hardsigmoid_backward multiplies by float32(1/6) = 0.16666667163 in float64 too: relative error 3e-8",
+        fusedact="grad * (1/6) in float64: the float64 value",
+        reason="float64 is asked for to be exact; the lower precisions are unaffected (below their rounding)",
+        gradient_rule=_hardsigmoid_gradient,
     ),
     Difference(
         name="one_rounding",
