@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedact
-from reference import assert_close, cancellation_floor, float64_reference, reference_activation
+from reference import assert_close, cancellation_floor, float64_reference, reference_activation, xielu_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -23,7 +23,8 @@ CHANNEL_CASES = [
     ((1, 40, 13, 11), 1, "sliced"),  # a slice of the batch: rows by stride, 143-wide rows, many row blocks
 ]
 CHANNEL_ACTIVATIONS = [("relu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}), ("sigmoid", {}),
-                       ("leaky_relu", {"negative_slope": -0.2})]  # fmt: skip
+                       ("leaky_relu", {"negative_slope": -0.2}), ("hardswish", {}),
+                       ("softplus", {"beta": 2.0, "threshold": 3.0})]  # fmt: skip
 
 
 def make_layout(shape, layout, dtype, device, generator):
@@ -129,6 +130,62 @@ def test_prelu(shape, layout, slopes, dtype, with_bias, device):
     assert_close(weight.grad, grad_weight_ref, weight_floor, "grad_weight")
     if with_bias:
         assert_close(bias.grad, grad_bias_ref, channel_floor(grad_x_ref, 0.0, dim), "grad_bias")
+
+
+# (shape, layout, coefficients): xIELU's bias and coefficients run along the last dimension.
+XIELU_CASES = [
+    ((7,), "contiguous", 1),
+    ((4, 9), "contiguous", 9),
+    ((4, 9), "contiguous", 1),
+    ((2, 6, 5), "transposed", 5),
+    ((1, 40, 13, 11), "sliced", 11),
+    ((1, 40, 13, 11), "sliced", 1),
+]
+
+
+@pytest.mark.parametrize("shape,layout,size", XIELU_CASES, ids=[f"{s}-{lay}-{n}" for s, lay, n in XIELU_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_xielu_coefficients(shape, layout, size, dtype, with_bias, device):
+    """xIELU's learned alpha_p and alpha_n, shared or one per channel (fp32 Parameters, as nn.XIELU's, for
+    any x), against float64 autograd through transformers' formula: output and the gradients of x, the
+    bias and both coefficients (summed over rows in fp32, rounded once)."""
+    generator = torch.Generator().manual_seed(2)
+    x = make_layout(shape, layout, dtype, device, generator).requires_grad_()
+    alpha_p = (0.3 + torch.rand(size, generator=generator)).to(device).requires_grad_()
+    alpha_n = (0.6 + torch.rand(size, generator=generator)).to(device).requires_grad_()
+    bias = make_layout(shape[-1:], "contiguous", dtype, device, generator).requires_grad_() if with_bias else None
+    grad_y = make_layout(shape, "contiguous", dtype, device, generator)
+    beta, eps = 0.5, float(torch.tensor(-1e-6))  # (as fusedact holds them below float64: fp32 numbers)
+
+    y = fusedact.xielu(x, bias, alpha_p, alpha_n, beta=beta, eps=eps)
+    y.backward(grad_y)
+
+    def reference(x, alpha_p, alpha_n, b):
+        return xielu_reference(x if b is None else x + b, alpha_p, alpha_n, beta, eps)
+
+    y_ref, grads = float64_reference(reference, [x, alpha_p, alpha_n, bias], grad_y)
+    grad_x_ref, grad_alpha_p_ref, grad_alpha_n_ref, grad_bias_ref = grads
+    z = x.detach().double().cpu() + (0.0 if bias is None else bias.detach().double().cpu())
+    g = grad_y.double().cpu()
+    floor = cancellation_floor(z, g)
+    dim = x.dim() - 1
+    assert_close(y, y_ref, cancellation_floor(z), "output")
+    assert_close(x.grad, grad_x_ref, floor, "grad_x")
+    # The coefficients' per-element terms g z^2 and g (expm1(min(z, eps)) - z), summed in fp32
+    m = torch.clamp(z, max=eps)
+    for name, coefficient, expected, terms in (
+        ("alpha_p", alpha_p, grad_alpha_p_ref, torch.where(z > 0, g * z * z, 0.0)),
+        ("alpha_n", alpha_n, grad_alpha_n_ref, torch.where(z > 0, 0.0, g * (torch.expm1(m) - z))),
+    ):
+        if size == 1:
+            allowed = 2e-6 * terms.abs().sum() + (floor * torch.ones_like(z)).sum()
+        else:
+            allowed = channel_floor(terms, floor, dim)
+        assert coefficient.grad.dtype == coefficient.dtype
+        assert_close(coefficient.grad, expected, allowed, f"grad_{name}")
+    if with_bias:
+        assert_close(bias.grad, grad_bias_ref, channel_floor(grad_x_ref, floor, dim), "grad_bias")
 
 
 def test_prelu_special_values(device):

@@ -2,9 +2,9 @@
 
 A kernel addresses its tensors by pointer and strides; a launcher that passes a strided, expanded or offset
 tensor as if it were dense reads the wrong numbers without any error (issue 12: a ``[::2]`` bias gave
-``[1, 100, 2]`` for ``[1, 2, 3]``). So each argument in turn (x, bias, PReLU's weight, gate, up, gate_bias,
-up_bias, the packed x and its bias, softmax's bias, a channel bias on dim 1, and the upstream gradient
-``grad_y`` of the backward) is handed over, with the others contiguous, as:
+``[1, 100, 2]`` for ``[1, 2, 3]``). So each argument in turn (x, bias, PReLU's weight, xIELU's alpha_p and
+alpha_n, gate, up, gate_bias, up_bias, the packed x and its bias, softmax's bias, a channel bias on dim 1,
+and the upstream gradient ``grad_y`` of the backward) is handed over, with the others contiguous, as:
 
 - ``strided``: every other element of the last dimension (``[..., ::2]``, a column stride of 2);
 - ``expanded``: stride 0 along the first dimension (``expand``, as ``y.sum().backward()`` hands ``grad_y``);
@@ -28,7 +28,7 @@ from test_functional import saved_output_floor
 from test_softmax import grad_floor as softmax_grad_floor
 
 import fusedact
-from reference import assert_close, float64_reference
+from reference import assert_close, float64_reference, xielu_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 LAYOUTS = ["strided", "expanded", "offset", "channels_last"]
@@ -87,6 +87,9 @@ def _softmax_floor(dim, log):
     return floor
 
 
+_EPS32 = float(torch.tensor(-1e-6))  # fusedact.xielu's default eps, as it holds it (fp32)
+
+
 def _gelu_reference(x, bias):
     return F.gelu(x + bias)
 
@@ -107,6 +110,10 @@ OPS = [
     Op("prelu", {"x": (2, 6, 3, 4), "weight": (6,), "bias": (6,)},
        lambda x, weight, bias: fusedact.prelu(x, weight, bias),
        lambda x, weight, bias: F.prelu(x + along(bias, 4, 1), weight), ("weight", "bias")),
+    Op("xielu", {"x": (6, 10), "alpha_p": (10,), "alpha_n": (10,), "bias": (10,)},
+       lambda x, alpha_p, alpha_n, bias: fusedact.xielu(x, bias, alpha_p, alpha_n),
+       lambda x, alpha_p, alpha_n, bias: xielu_reference(x + bias, alpha_p, alpha_n, 0.5, _EPS32),
+       ("alpha_p", "alpha_n", "bias")),
     Op("gated", {"gate": (6, 10), "up": (6, 10), "gate_bias": (10,), "up_bias": (10,)},
        lambda gate, up, gate_bias, up_bias: fusedact.swiglu(gate, up, gate_bias, up_bias),
        lambda gate, up, gate_bias, up_bias: F.silu(gate + gate_bias) * (up + up_bias), ("gate_bias", "up_bias")),
