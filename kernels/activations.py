@@ -595,6 +595,6 @@ def activation_param_backward(grad, z, ACTIVATION: tl.constexpr, param, param2, 
         e_minus_m, _ = _expm1_minus_identity(m)
         # (m - z is eps - z above eps and 0 below it, never -inf - -inf)
         contribution = grad * tl.where(z > 0.0, z * z, e_minus_m + tl.where(z > param2, param2 - z, 0.0))
-        first = tl.where(z > 0.0, contribution, 0.0)
+        first = tl.where(z <= 0.0, 0.0, contribution)  # (a NaN input: NaN to both, as PyTorch's formula)
         second = tl.where(z > 0.0, 0.0, contribution)
     return first, second

@@ -2,6 +2,8 @@
 float64 references: every layout of ``fusedact._channels`` (channels in columns, in rows, channels-last,
 copied), outputs and the gradients of input, bias and slope, on every backend of this machine."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,6 +188,24 @@ def test_xielu_coefficients(shape, layout, size, dtype, with_bias, device):
         assert_close(coefficient.grad, expected, allowed, f"grad_{name}")
     if with_bias:
         assert_close(bias.grad, grad_bias_ref, channel_floor(grad_x_ref, floor, dim), "grad_bias")
+
+
+def test_xielu_coefficients_at_infinities(device):
+    """Per channel, so each coefficient's gradient comes from one input: at +-inf the coefficient that does
+    not act there gets 0, where transformers' formula gives NaN (0 * inf in the branch not taken; the
+    "xielu_limit" entry of fusedact.differences); elsewhere float64 autograd's value. NaN in, NaN out."""
+    x = torch.tensor([[-math.inf, math.inf, -1.0, 2.0, math.nan]], device=device, requires_grad=True)
+    alpha_p = torch.full((5,), 0.75, device=device, requires_grad=True)
+    alpha_n = torch.full((5,), 1.25, device=device, requires_grad=True)
+    fusedact.xielu(x, None, alpha_p, alpha_n, beta=0.5, eps=-1e-6).sum().backward()
+    z = x.detach().double().cpu().requires_grad_()
+    p64, n64 = (torch.full((5,), a, dtype=torch.float64, requires_grad=True) for a in (0.75, 1.25))
+    xielu_reference(z, p64, n64, 0.5, float(torch.tensor(-1e-6))).sum().backward()
+    infinite = torch.isinf(z.detach()[0])
+    for name, actual, reference in (("alpha_p", alpha_p.grad, p64.grad), ("alpha_n", alpha_n.grad, n64.grad)):
+        assert torch.isnan(reference[:2]).any(), "transformers' formula gives no NaN at +-inf any more"
+        expected = torch.where(infinite & torch.isnan(reference), 0.0, reference)
+        assert_close(actual, expected, 0.0, f"grad_{name}")
 
 
 def test_prelu_special_values(device):

@@ -366,7 +366,7 @@ def _xielu_parameter_gradients(grad: Tensor, z: Tensor, eps: float) -> tuple[Ten
     m = torch.where(z > eps, eps, z)
     e_minus_m, _ = _expm1_minus_identity(m)
     contribution = grad * torch.where(z > 0, z * z, e_minus_m + torch.where(z > eps, eps - z, 0.0))
-    return torch.where(z > 0, contribution, 0.0), torch.where(z > 0, 0.0, contribution)
+    return torch.where(z <= 0, 0.0, contribution), torch.where(z > 0, 0.0, contribution)  # (NaN: NaN to both)
 
 
 def _careful_forward(z: Tensor, activation: str, param: float, param2: float = 0.0) -> Tensor:

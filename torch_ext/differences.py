@@ -166,7 +166,9 @@ DIFFERENCES: tuple[Difference, ...] = (
         pytorch="NaN: alpha_n (expm1(-inf) - (-inf)) + beta (-inf) = inf - inf",
         fusedact="the limit of (beta - alpha_n) z - alpha_n: +inf (alpha_n > beta, as transformers' "
         "beta + softplus(raw) always is); its gradient there is the derivative's limit, grad * (beta - alpha_n), "
-        "where the formula's gradient is NaN too (0 * inf in the branch not taken)",
+        "where the formula's gradient is NaN too (0 * inf in the branch not taken); likewise the "
+        "coefficients' gradients from an infinite input on the side they do not act on are 0 (alpha_p's "
+        "at -inf, alpha_n's at +inf), where the formula's are NaN",
         reason="the function has a limit there; a NaN would poison a whole row for an input it is defined on",
         output_rule=_xielu_limit,
         gradient_rule=_xielu_limit_gradient,
