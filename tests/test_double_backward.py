@@ -433,8 +433,8 @@ def test_eager_and_registered_paths_agree(name, public, registered, device):
 
 @pytest.mark.skipif(fusedact.ops._triton is None, reason="needs Triton")
 def test_ordinary_backward_keeps_the_kernel(device):
-    """Without create_graph the backward is the kernel's (no PyTorch gelu_backward runs); with it, the
-    fallback's differentiable formula."""
+    """Without create_graph the backward is the kernel's (no PyTorch gelu math runs); with it, the
+    fallback's differentiable formula (aten.gelu_backward, or its erfc formula where some z < 0)."""
     if device == "cpu" and fusedact.get_cpu_backend() == "torch":
         pytest.skip("the fallback backend runs PyTorch's formulas either way")
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -454,7 +454,7 @@ def test_ordinary_backward_keeps_the_kernel(device):
         y = fusedact.gelu(x, bias)
         with Record() as record:
             torch.autograd.grad(y.sum(), (x, bias), create_graph=create_graph)
-        assert ("aten.gelu_backward" in record.ops) == create_graph, sorted(record.ops)
+        assert bool({"aten.gelu_backward", "aten.erfc"} & record.ops) == create_graph, sorted(record.ops)
 
 
 def test_without_a_differentiable_backward_double_backward_raises():

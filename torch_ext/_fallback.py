@@ -1,7 +1,8 @@
 """The PyTorch fallback, for tensors the Triton kernels do not run on (CPU, fp64).
 
 Evaluated in fp32 (fp64 for fp64 tensors) with one rounding to the output dtype at the end, like the
-kernels. Two paths, chosen per element:
+kernels, in cache-sized pieces of large tensors (``CHUNK_ELEMENTS``: the fp32 temporaries stay in the L2
+cache, so only the inputs' reads and the outputs' writes reach memory). Two paths, and a third for gelu:
 
 - Fast path: PyTorch's own fused ops (``F.gelu``, ``aten.gelu_backward``, ``F.silu``...), for the
   elements inside the range where that op meets fusedact's accuracy (``FAST_RANGE``: bf16/fp16 within
@@ -9,18 +10,23 @@ kernels. Two paths, chosen per element:
   forward, hardtanh, hardsigmoid and heaviside always take it: their PyTorch ops are accurate over the
   whole range and have exactly the kernels' semantics (hardtanh's, hardswish's and hardsigmoid's backward
   are written as the kernels' selects: PyTorch's CPU kernels treat a NaN input one way when vectorized
-  and another way element by element). Outside those ranges PyTorch's fp32 ops cancel (``1 + erf`` below z = -1.8,
-  ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below -88), and
-  give NaN at +-inf where the function has a limit.
+  and another way element by element). Outside those ranges PyTorch's fp32 ops cancel (``1 + erf`` below
+  z = -1.8, ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below -88), and
+  give NaN at +-inf where the function has a limit. One min/max pass over a piece decides: every element
+  inside, the fast op alone; every element in ``MIDDLE_RANGE`` (gelu: its erfc formulas, accurate down
+  to z = -12.8), those few ops; otherwise both paths on every element and a select (a boolean gather and
+  scatter of the outside elements costs more than the careful formula itself).
 - Careful path: the twin of ``kernels/activations.py``, line for line (same formulas, same scaling of
   exponentials by 2^64 in the tails, same limits at +-inf; see that module's docstring), for the
   elements outside ``FAST_RANGE`` (tails, NaN, inf, huge values), and for every element when a backward
   must itself be differentiable (grad mode on and an input requiring grad: double backward) and PyTorch's
   op has no derivative (``aten.silu_backward``, ``aten.mish_backward``). Where the kernels evaluate erfc
   with their own fit of erfcx (Triton's interpreter has no libdevice), the twin calls
-  ``torch.special.erfcx``, accurate in fp64 too, and where they evaluate log1p by its series,
-  ``torch.log1p``. Every constant of the twin (clamps, scaling thresholds) holds in fp64 as well. xIELU's
-  negative side is summed in fp64, as in the kernels (its two terms cancel where it crosses 0).
+  ``torch.special.erfc`` (within an fp32 ULP above the tail, and ~20x cheaper than PyTorch's erfcx) and,
+  in the tail, ``torch.special.erfcx`` times the scaled gaussian, accurate in fp64 too, and where they
+  evaluate log1p by its series, ``torch.log1p``. Every constant of the twin (clamps, scaling thresholds)
+  holds in fp64 as well. xIELU's negative side is summed in fp64, as in the kernels (its two terms cancel
+  where it crosses 0).
 
 The ELU family's gradient at a NaN input is NaN (PyTorch's ``elu_backward`` gives NaN on its vectorized
 CPU path and ``grad * scale`` on its scalar and CUDA paths). The tests hold both paths, and the kernels,
@@ -96,17 +102,49 @@ def _elu_params(activation: str, param: float) -> tuple[float, float, float]:
     return param, 1.0, 1.0 / param  # celu
 
 
-def _fast_where_accurate(key: tuple[str, str], x: Tensor, fast, careful) -> Tensor:
+# (activation, direction) -> [low, high] where a formula of PyTorch ops of its own (``middle``, below) is
+# accurate: gelu's z erfc(-z / sqrt 2) / 2 and derivative erfc(-z / sqrt 2) / 2 + z exp(-z^2 / 2) / sqrt(2 pi),
+# from PyTorch's erfc (within an fp32 ULP until it leaves the normal range below z = -13). A few ops, where
+# the careful twin takes ~25: used on a whole piece whose elements all lie in this range but not all in
+# FAST_RANGE (gelu's backward's fast range is z >= 0: half of every ordinary tensor).
+MIDDLE_RANGE: dict[tuple[str, str], tuple[float, float]] = {
+    ("gelu", "forward"): (_GELU_TAIL, TAME_LIMIT),
+    ("gelu", "backward"): (_GELU_TAIL, TAME_LIMIT),
+}
+
+
+def _gelu_erfc(z: Tensor) -> Tensor:  # (no in-place ops: a double backward differentiates these)
+    return torch.special.erfc(z * -_SQRT_HALF) * (0.5 * z)
+
+
+def _gelu_erfc_backward(grad: Tensor, z: Tensor) -> Tensor:
+    density = torch.exp((z * z) * -0.5) * (_INV_SQRT_2PI * z)
+    return (0.5 * torch.special.erfc(z * -_SQRT_HALF) + density) * grad
+
+
+def _fast_where_accurate(key: tuple[str, str], x: Tensor, fast, careful, middle=None) -> Tensor:
     """``fast()`` where ``x`` lies in ``FAST_RANGE[key]``, ``careful(mask)`` (the careful formula on the
-    elements selected by ``mask``) elsewhere; each evaluated only where needed."""
+    elements selected by ``mask``, None: all) elsewhere; ``middle()`` instead where every element lies in
+    ``MIDDLE_RANGE[key]`` but not every one in ``FAST_RANGE[key]``. Where fast and careful are needed
+    both run on every element and a select picks: gathering and scattering the outside elements by a
+    boolean mask (nonzero, index, index_put) costs more per element of the whole tensor than the careful
+    formula itself."""
     low, high = FAST_RANGE[key]
-    inside = (x >= low) & (x <= high)  # False for NaN
-    if bool(inside.all()):
+    if x.numel() == 0:
         return fast()
-    outside = ~inside
-    if bool(outside.all()):
+    # One min/max pass decides the common case, every element inside (a NaN makes both NaN: not inside);
+    # the element-wise masks (several passes of bool tensors) only where some element is outside.
+    smallest, largest = torch.aminmax(x)
+    if bool((smallest >= low) & (largest <= high)):
+        return fast()
+    if middle is not None:
+        middle_low, middle_high = MIDDLE_RANGE[key]
+        if bool((smallest >= middle_low) & (largest <= middle_high)):
+            return middle()
+    inside = (x >= low) & (x <= high)  # False for NaN
+    if not bool(inside.any()):
         return careful(None)
-    return fast().index_put((outside,), careful(outside))
+    return torch.where(inside, fast(), careful(None))
 
 
 def _pick(t: Tensor, mask: Tensor | None) -> Tensor:
@@ -159,7 +197,9 @@ def activation_forward(
     # The smooth ones: PyTorch's ops where they are accurate, the careful twin elsewhere.
     if activation in ("gelu", "gelu_tanh"):
         approximate = "none" if activation == "gelu" else "tanh"
-        return _fast_where_accurate((activation, "forward"), z, lambda: F.gelu(z, approximate=approximate), careful)
+        fast = lambda: F.gelu(z, approximate=approximate)  # noqa: E731
+        middle = (lambda: _gelu_erfc(z)) if activation == "gelu" else None
+        return _fast_where_accurate((activation, "forward"), z, fast, careful, middle)
     if activation == "swish":
         x = param * z
         fast = (lambda: F.silu(z)) if param == 1.0 else (lambda: z * torch.sigmoid(x))
@@ -227,7 +267,8 @@ def activation_backward(
     if activation in ("gelu", "gelu_tanh"):
         approximate = "none" if activation == "gelu" else "tanh"
         fast = lambda: torch.ops.aten.gelu_backward(grad, saved, approximate=approximate)  # noqa: E731
-        return _fast_where_accurate((activation, "backward"), saved, fast, careful)
+        middle = (lambda: _gelu_erfc_backward(grad, saved)) if activation == "gelu" else None
+        return _fast_where_accurate((activation, "backward"), saved, fast, careful, middle)
     if activation == "swish":
         if param == 1.0 and not _needs_derivative(grad, saved):  # aten.silu_backward has no derivative
             fast = lambda: torch.ops.aten.silu_backward(grad, saved)  # noqa: E731
@@ -296,8 +337,14 @@ def _gelu_tanh_logit(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _gelu_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     tail = z < _GELU_TAIL
     gaussian = _exp2_scaled(-(z * z) * _HALF_LOG2E, tail)
-    # erfc(a) = exp(-a^2) erfcx(a): the kernels fit erfcx; here PyTorch's.
-    half_erfc = 0.5 * torch.special.erfcx(z.abs() * _SQRT_HALF) * gaussian
+    # erfc(a) = exp(-a^2) erfcx(a): the kernels fit erfcx. Here PyTorch's erfc above the tail (within an fp32
+    # ULP until it leaves the normal range at a = 9.2, and ~20x cheaper than its erfcx), and in the tail its
+    # erfcx times the scaled gaussian, as the kernels.
+    a = z.abs() * _SQRT_HALF
+    erfc = torch.special.erfc(a)
+    if bool(tail.any()):  # (rare: erfcx costs ~20 erfc, so it runs on the tail's elements alone)
+        erfc = erfc.index_put((tail,), torch.special.erfcx(a[tail]) * gaussian[tail])
+    half_erfc = 0.5 * erfc
     return torch.where(z < 0, half_erfc, 1.0 - half_erfc), _INV_SQRT_2PI * gaussian, tail
 
 
@@ -426,19 +473,75 @@ def _with_bias(t: Tensor, bias: Tensor | None) -> Tensor:
     """t + bias in the compute dtype: one pass (a bf16 t plus an fp32 bias adds in fp32, exactly as
     upcasting t first would)."""
     dtype = compute_dtype(t.dtype)
-    return t.to(dtype) if bias is None else torch.add(t, bias.to(dtype))
+    if bias is None:
+        return t.to(dtype)
+    if t.dtype == dtype:
+        return torch.add(t, bias.to(dtype))
+    # Upcast first, then add in place: the same values as torch.add(t, bias) with type promotion (the bf16/fp16
+    # to fp32 conversion is exact), whose mixed-dtype CPU loop is ~30x slower than the two vectorized passes.
+    return t.to(dtype).add_(bias.to(dtype))
 
 
-def _bias_grad(grad: Tensor, bias: Tensor | None, compute: bool, dim: int = -1) -> Tensor:
-    """Sum over every dimension but ``dim`` in the compute dtype, then one rounding; empty when not asked for."""
+def _channel_sum(grad: Tensor, bias: Tensor | None, compute: bool, dim: int = -1) -> Tensor:
+    """Sum over every dimension but ``dim`` in the compute dtype (the caller rounds once); empty when not
+    asked for."""
     if bias is None or not compute:
         return grad.new_empty(0)
-    return reduce_to_channels(grad, dim % max(grad.dim(), 1)).to(bias.dtype)
+    return reduce_to_channels(grad, dim % max(grad.dim(), 1))
 
 
 def _along(t: Tensor | None, x: Tensor, dim: int) -> Tensor | None:
     """A per-channel ``[C]`` tensor shaped to broadcast along ``dim`` of ``x``."""
     return None if t is None else t.view(channel_shape(x, dim))
+
+
+# Cache-sized pieces. Each element-wise op here is one pass over whole tensors, with fp32 temporaries (a
+# bf16 input's fp32 copy, z, the activation's intermediates): over a [8192, 4096] tensor every pass streams
+# through memory, over a piece of 2^18 elements (1 MiB in fp32) they stay in the L2 cache and only the
+# inputs' reads and the outputs' writes reach memory, as in a fused kernel. Each element's result is the
+# same either way (the fast or careful path is chosen per element); the bias and learned parameters'
+# gradients are summed per piece in the compute dtype and rounded once, at the end.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _pieces(x: Tensor, dim: int, *others: Tensor | None) -> list[slice] | None:
+    """Row ranges (along dim 0) of cache-sized pieces of ``x`` and the same-shaped ``others`` (any strides:
+    the outputs are ``empty_like``, the layout PyTorch's element-wise ops give), or None where the tensors
+    are taken whole: small, with the channels along dim 0, or recorded by autograd (a differentiable
+    backward writes no output in place)."""
+    tensors = [x, *(t for t in others if t is not None)]
+    if x.numel() < 2 * CHUNK_ELEMENTS or x.dim() < 2 or dim % x.dim() == 0:
+        return None
+    if any(t.shape != x.shape for t in tensors if t.dim() > 1) or _needs_derivative(*tensors):
+        return None
+    rows = max(1, CHUNK_ELEMENTS // (x.numel() // x.shape[0]))
+    return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
+
+
+def _rounded(sums: list[Tensor], parameters: tuple[Tensor | None, ...]) -> list[Tensor]:
+    """Each gradient sum rounded once to its parameter's dtype (an empty one, not asked for, as it is)."""
+    return [s if p is None or not s.numel() else s.to(p.dtype) for s, p in zip(sums, parameters, strict=True)]
+
+
+def _piecewise(function, tensors: tuple, args: tuple, dim: int, likes: tuple) -> tuple[list, list]:
+    """``function(*tensors, *args)`` on the whole tensors, or piece by piece (``_pieces`` of their rows) with
+    its first ``len(likes)`` results written into new tensors like ``likes``, and the rest (gradient sums in
+    the compute dtype) added up. Returns (the results, the sums)."""
+    outputs = len(likes)
+    pieces = _pieces(likes[0], dim, *tensors)
+    if pieces is None:
+        results = function(*tensors, *args)
+        results = results if isinstance(results, tuple) else (results,)
+        return list(results[:outputs]), list(results[outputs:])
+    written, sums = [torch.empty_like(t) for t in likes], None
+    for rows in pieces:
+        results = function(*(t[rows] for t in tensors), *args)
+        results = results if isinstance(results, tuple) else (results,)
+        for out, result in zip(written, results[:outputs], strict=True):
+            out[rows] = result
+        more = results[outputs:]
+        sums = list(more) if sums is None else [t.add_(m) if t.numel() else t for t, m in zip(sums, more, strict=True)]
+    return written, sums
 
 
 def bias_act(
@@ -451,19 +554,24 @@ def bias_act(
     param2: float,
     dim: int,
 ) -> Tensor:
+    (y,), _ = _piecewise(_bias_act_whole, (x,), (bias, weight, weight2, activation, param, param2, dim), dim, (x,))
+    return y
+
+
+def _bias_act_whole(x, bias, weight, weight2, activation, param, param2, dim) -> Tensor:
     z = _with_bias(x, _along(bias, x, dim))
     weight, weight2 = (None if w is None else _along(w, x, dim).to(z.dtype) for w in (weight, weight2))
     return activation_forward(z, activation, param, param2, weight, weight2).to(x.dtype)
 
 
-def _weight_grad(grad: Tensor, weight: Tensor | None, dim: int) -> Tensor:
-    """A learned parameter's gradient from its per-element terms: summed over everything but its channels
-    (or over everything, for one shared by all), then rounded once to its dtype."""
+def _weight_sum(grad: Tensor, weight: Tensor | None, dim: int) -> Tensor:
+    """A learned parameter's gradient from its per-element terms, in the compute dtype: summed over
+    everything but its channels (or over everything, for one shared by all)."""
     if weight is None:
         return grad.new_empty(0)
     if weight.numel() == 1:
-        return grad.sum().reshape(1).to(weight.dtype)
-    return _bias_grad(grad, weight, True, dim)
+        return grad.sum().reshape(1)
+    return reduce_to_channels(grad, dim % max(grad.dim(), 1))
 
 
 def bias_act_backward(
@@ -480,6 +588,38 @@ def bias_act_backward(
     compute_grad_bias: bool,
     compute_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (
+        bias,
+        weight,
+        weight2,
+        activation,
+        param,
+        param2,
+        dim,
+        saved_is_output,
+        compute_grad_bias,
+        compute_grad_weight,
+    )
+    (grad_x,), sums = _piecewise(_bias_act_backward_whole, (grad_y, saved), args, dim, (saved,))
+    return (grad_x, *_rounded(sums, (bias, weight, weight2)))
+
+
+def _bias_act_backward_whole(
+    grad_y,
+    saved,
+    bias,
+    weight,
+    weight2,
+    activation,
+    param,
+    param2,
+    dim,
+    saved_is_output,
+    compute_grad_bias,
+    compute_grad_weight,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """grad_x in ``saved``'s dtype, and the bias's and learned parameters' gradients in the compute dtype
+    (empty where not asked for)."""  # fmt: skip
     z = _with_bias(saved, None if saved_is_output else _along(bias, saved, dim))
     grad = grad_y.to(z.dtype)
     shaped = [None if w is None else _along(w, saved, dim).to(z.dtype) for w in (weight, weight2)]
@@ -487,13 +627,13 @@ def bias_act_backward(
     if activation == "prelu":  # PyTorch's elementwise prelu backward: the slope's term is grad * z below 0
         grad_x, grad_slope = torch.ops.aten._prelu_kernel_backward(grad, z, shaped[0])
         if compute_grad_weight:
-            grad_weight = _weight_grad(grad_slope, weight, dim)
+            grad_weight = _weight_sum(grad_slope, weight, dim)
     else:
         grad_x = activation_backward(grad, z, activation, param, param2, *shaped, saved_is_output)
         if compute_grad_weight and activation == "xielu":
             terms = _xielu_parameter_gradients(grad, z, param2)
-            grad_weight, grad_weight2 = (_weight_grad(t, w, dim) for t, w in zip(terms, (weight, weight2), strict=True))
-    return grad_x.to(saved.dtype), _bias_grad(grad_x, bias, compute_grad_bias, dim), grad_weight, grad_weight2
+            grad_weight, grad_weight2 = (_weight_sum(t, w, dim) for t, w in zip(terms, (weight, weight2), strict=True))
+    return grad_x.to(saved.dtype), _channel_sum(grad_x, bias, compute_grad_bias, dim), grad_weight, grad_weight2
 
 
 def _gate_and_up(
@@ -514,6 +654,12 @@ def gated(
     param2: float,
     gate_scale: float,
 ) -> Tensor:
+    args = (gate_bias, up_bias, activation, param, param2, gate_scale)
+    (y,), _ = _piecewise(_gated_whole, (gate, up), args, -1, (gate,))
+    return y
+
+
+def _gated_whole(gate, up, gate_bias, up_bias, activation, param, param2, gate_scale) -> Tensor:
     z, u = _gate_and_up(gate, up, gate_bias, up_bias, gate_scale)
     return (activation_forward(z, activation, param, param2) * u).to(gate.dtype)
 
@@ -532,6 +678,15 @@ def gated_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gate's derivative is taken at its input (as the kernels'): d/dgate = s act'(s z) u grad,
     d/dup = act(s z) grad."""
+    args = (gate_bias, up_bias, activation, param, param2, gate_scale, compute_grad_bias)
+    (grad_gate, grad_up), sums = _piecewise(_gated_backward_whole, (grad_y, gate, up), args, -1, (gate, up))
+    return (grad_gate, grad_up, *_rounded(sums, (gate_bias, up_bias)))
+
+
+def _gated_backward_whole(
+    grad_y, gate, up, gate_bias, up_bias, activation, param, param2, gate_scale, compute_grad_bias
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """grad_gate, grad_up in their inputs' dtypes, the biases' gradients in the compute dtype."""
     z, u = _gate_and_up(gate, up, gate_bias, up_bias, gate_scale)
     grad = grad_y.to(z.dtype)
     activated = activation_forward(z, activation, param, param2)
@@ -541,6 +696,6 @@ def gated_backward(
     return (
         grad_gate.to(gate.dtype),
         grad_up.to(up.dtype),
-        _bias_grad(grad_gate, gate_bias, compute_grad_bias),
-        _bias_grad(grad_up, up_bias, compute_grad_bias),
+        _channel_sum(grad_gate, gate_bias, compute_grad_bias),
+        _channel_sum(grad_up, up_bias, compute_grad_bias),
     )

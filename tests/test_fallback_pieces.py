@@ -1,0 +1,194 @@
+"""The fallback in cache-sized pieces (``_fallback.CHUNK_ELEMENTS``) gives what it gives on whole tensors:
+every output element (each element's fast or careful path is chosen by its own value) within the ULPs
+the fallback's accuracy allows of the whole tensor's result, and the bias's and learned parameters'
+gradients as the same sums, rounded once, within the rounding of fp32 sums in another order (checked
+against float64 sums of the same terms).
+
+Not bitwise: PyTorch's CPU ops compute a tensor's last elements (its length modulo the SIMD width) on a
+scalar path whose bits may differ from the vector path's (each within the ~4 fp32 ULPs of the exact value
+that ``_fallback.FAST_RANGE`` allows, so within 8 of each other), and the careful path runs on the
+gathered outside elements, whose lanes depend on which other elements are outside. Both paths are held
+to the float64 references by the accuracy tests (tests/test_numerics.py); and a piece whose elements all
+lie in a range where a cheaper formula is accurate takes it (``_fallback.MIDDLE_RANGE``)."""
+
+import contextlib
+
+import pytest
+import torch
+
+import fusedact
+from fusedact import _fallback
+
+PIECE = 192  # elements per piece in these tests: a [37, 64] tensor is 13 pieces of three rows (the last short)
+
+
+@contextlib.contextmanager
+def fusedact_backend(name):
+    previous = fusedact.get_cpu_backend()
+    fusedact.set_cpu_backend(name)
+    try:
+        yield
+    finally:
+        fusedact.set_cpu_backend(previous)
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    def run(function, *args):
+        monkeypatch.setattr(_fallback, "CHUNK_ELEMENTS", 1 << 40)
+        whole = function(*args)
+        monkeypatch.setattr(_fallback, "CHUNK_ELEMENTS", PIECE)
+        return whole, function(*args)
+
+    return run
+
+
+def _inputs(dtype, shape=(37, 64), scale=4.0):
+    return torch.randn(*shape).mul_(scale).to(dtype)
+
+
+def _assert_same(piecewise, whole, terms=None):
+    """Within 8 ULPs of their dtype (two results of PyTorch's CPU ops' scalar and vector paths, each within
+    4 of the exact value) of the larger of the result and ``terms``, the size of the terms it is a sum of
+    (a derivative such as gelu's cdf + z pdf cancels near its root); same dtype and strides."""
+    assert piecewise.dtype == whole.dtype and piecewise.stride() == whole.stride()
+    size = whole.abs().double() if terms is None else torch.maximum(whole.abs().double(), terms.abs().double())
+    difference = (piecewise.double() - whole.double()).abs()
+    allowed = 8 * torch.finfo(whole.dtype).eps * size + torch.finfo(whole.dtype).tiny
+    assert bool((difference <= allowed).all()), f"{int((difference > allowed).sum())} elements differ"
+
+
+def _derivative_terms(z, *factors):
+    """(1 + |z|) times the factors: a bound on the terms of an activation derivative's sum, times the rest."""
+    size = 1.0 + z.double().abs()
+    for factor in factors:
+        size = size * factor.double().abs()
+    return size
+
+
+def _assert_sums(piecewise, whole, dtype):
+    """Two fp32 (fp64) sums of the same terms in different orders, rounded once to ``dtype``."""
+    tolerance = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(piecewise.double(), whole.double(), rtol=tolerance, atol=tolerance)
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+ACTIVATIONS = [("gelu", 0.0, 0.0), ("swish", 1.0, 0.0), ("relu", 0.0, 0.0), ("softplus", 2.0, 3.0), ("tanh", 0.0, 0.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation,param,param2", ACTIVATIONS)
+def test_bias_act(activation, param, param2, dtype, small_pieces):
+    x, bias = _inputs(dtype), _inputs(dtype, (64,))
+    whole, pieces = small_pieces(_fallback.bias_act, x, bias, None, None, activation, param, param2, 1)
+    _assert_same(pieces, whole)
+    grad_y = _inputs(dtype)
+    for saved_is_output in (False, True):
+        saved = whole if saved_is_output else x
+        args = (grad_y, saved, bias, None, None, activation, param, param2, 1, saved_is_output, True, False)
+        whole_grads, piece_grads = small_pieces(_fallback.bias_act_backward, *args)
+        _assert_same(piece_grads[0], whole_grads[0], _derivative_terms(x.double() + bias.double(), grad_y))
+        _assert_sums(piece_grads[1], whole_grads[1], dtype)
+        assert piece_grads[1].dtype == dtype and piece_grads[1].shape == (64,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channel_bias_and_learned_parameters(dtype, small_pieces):
+    """NCHW with a channel bias (pieces along the batch), channels-last; PReLU's per-channel slope and
+    xIELU's two shared coefficients, whose gradients are summed per piece."""
+    x = _inputs(dtype, (9, 3, 8, 8))
+    for layout in (x, x.to(memory_format=torch.channels_last)):
+        bias, slope = _inputs(dtype, (3,)), _inputs(dtype, (3,), 0.3)
+        whole, pieces = small_pieces(_fallback.bias_act, layout, bias, slope, None, "prelu", 0.0, 0.0, 1)
+        _assert_same(pieces, whole)
+        args = (_inputs(dtype, x.shape), layout, bias, slope, None, "prelu", 0.0, 0.0, 1, False, True, True)
+        whole_grads, piece_grads = small_pieces(_fallback.bias_act_backward, *args)
+        _assert_same(piece_grads[0], whole_grads[0])
+        for a, b in zip(piece_grads[1:3], whole_grads[1:3], strict=True):
+            _assert_sums(a, b, dtype)
+    x, bias = _inputs(dtype), _inputs(dtype, (64,))
+    alpha_p, alpha_n = torch.tensor([0.8], dtype=dtype), torch.tensor([1.1], dtype=dtype)
+    args = (_inputs(dtype), x, bias, alpha_p, alpha_n, "xielu", 0.5, -1e-6, 1, False, True, True)
+    whole_grads, piece_grads = small_pieces(_fallback.bias_act_backward, *args)
+    _assert_same(piece_grads[0], whole_grads[0])
+    for a, b in zip(piece_grads[1:], whole_grads[1:], strict=True):
+        _assert_sums(a, b, dtype)
+        assert a.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_gated(dtype, packed, small_pieces):
+    """The gated forward and backward, on separate gate/up and on the halves of a packed [gate | up]."""
+    if packed:
+        gate, up = _inputs(dtype, (37, 128)).chunk(2, dim=-1)
+    else:
+        gate, up = _inputs(dtype), _inputs(dtype)
+    gate_bias, up_bias = _inputs(dtype, (64,)), _inputs(dtype, (64,))
+    for activation, param, scale in (("swish", 1.0, 1.0), ("gelu", 0.0, 0.7)):
+        args = (gate, up, gate_bias, up_bias, activation, param, 0.0, scale)
+        whole, pieces = small_pieces(_fallback.gated, *args)
+        _assert_same(pieces, whole)
+        grad_y = _inputs(dtype)
+        whole_grads, piece_grads = small_pieces(_fallback.gated_backward, grad_y, *args, True)
+        z = (gate.double() + gate_bias.double()) * scale
+        _assert_same(piece_grads[0], whole_grads[0], _derivative_terms(z, up.double() + up_bias.double(), grad_y))
+        _assert_same(piece_grads[1], whole_grads[1])
+        for a, b in zip(piece_grads[2:], whole_grads[2:], strict=True):
+            _assert_sums(a, b, dtype)
+
+
+def test_differentiable_backward_is_taken_whole(small_pieces):
+    """A backward that autograd records (double backward) is not written piece by piece into an output."""
+    x = _inputs(torch.float64).requires_grad_()
+    grad_y = _inputs(torch.float64)
+    _fallback.CHUNK_ELEMENTS = PIECE
+    assert _fallback._pieces(x, 1, grad_y) is None
+    with torch.no_grad():
+        assert _fallback._pieces(x, 1, grad_y) is not None
+
+
+def test_sums_against_float64():
+    """The piecewise bias gradient is the float64 sum of the same terms within fp32 summation error."""
+    x, bias, grad_y = (
+        _inputs(torch.float32, (300, 40)),
+        _inputs(torch.float32, (40,)),
+        _inputs(torch.float32, (300, 40)),
+    )
+    saved_chunk = _fallback.CHUNK_ELEMENTS
+    try:
+        _fallback.CHUNK_ELEMENTS = 256
+        grad_x, grad_bias, _, _ = _fallback.bias_act_backward(
+            grad_y, x, bias, None, None, "gelu", 0.0, 0.0, 1, False, True, False
+        )
+    finally:
+        _fallback.CHUNK_ELEMENTS = saved_chunk
+    torch.testing.assert_close(grad_bias.double(), grad_x.double().sum(0), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_middle_range_formulas(dtype):
+    """gelu's erfc formulas (``_fallback.MIDDLE_RANGE``), which a tensor whose every element lies in their
+    range takes, hold the whole-range claims of tests/test_numerics.py there (forward 1 ULP in bf16/fp16,
+    backward 2; fp32 and fp64 the condition number's tolerance) over every bf16/fp16 value of the range
+    and a dense fp32 (fp64) grid of it."""
+    from test_numerics import allowed_ulps, inputs_for
+
+    from reference import exact_activation, ulp_error
+
+    low, high = _fallback.MIDDLE_RANGE[("gelu", "forward")]
+    assert _fallback.MIDDLE_RANGE[("gelu", "backward")] == (low, high)
+    x = inputs_for(dtype, 1) if dtype != torch.float64 else inputs_for(torch.float32, 1).double()
+    x = x[(x >= low) & (x <= high)]
+    assert bool((x < _fallback.FAST_RANGE[("gelu", "forward")][0]).any())  # not all inside: the middle formula
+    with fusedact_backend("torch"):
+        x = x.clone().requires_grad_()
+        y = fusedact.gelu(x)
+        y.backward(torch.ones_like(y))
+    z = x.detach().double()
+    value, slope = exact_activation(z, "gelu", {})
+    for actual, reference, derivative in ((y.detach(), value, False), (x.grad, slope, True)):
+        error = ulp_error(actual, reference, dtype)
+        allowed = allowed_ulps(z, "gelu", {}, dtype, derivative)
+        worst = int((error / allowed).argmax())
+        assert bool((error <= allowed).all()), f"z = {z[worst].item()!r}: {error[worst].item():.3g} ULP"
