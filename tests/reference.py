@@ -98,8 +98,9 @@ def reference_activation(z: torch.Tensor, function: str, params: dict) -> torch.
         return F.relu6(z)
     if function == "hardtanh":
         return F.hardtanh(z, params.get("min_val", -1.0), params.get("max_val", 1.0))
-    if function == "hardswish":
-        return F.hardswish(z)
+    if function == "hardswish":  # F.hardswish's value, and its derivative's 0 and 1 at z = -3 and 3 as newer
+        # torch gives them (2.13, 2.14; torch 2.5's hardswish_backward gives -1/2 and 3/2 there; README, Install)
+        return z * F.relu6(z + 3.0) / 6.0
     if function == "hardsigmoid":  # F.hardsigmoid's value and kinks, from ops with second derivatives (its
         # hardsigmoid_backward has none, and multiplies by 1/6 rounded to fp32 even in float64)
         return F.relu6(z + 3.0) / 6.0
