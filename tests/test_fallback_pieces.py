@@ -138,11 +138,11 @@ def test_gated(dtype, packed, small_pieces):
             _assert_sums(a, b, dtype)
 
 
-def test_differentiable_backward_is_taken_whole(small_pieces):
+def test_differentiable_backward_is_taken_whole(monkeypatch):
     """A backward that autograd records (double backward) is not written piece by piece into an output."""
     x = _inputs(torch.float64).requires_grad_()
     grad_y = _inputs(torch.float64)
-    _fallback.CHUNK_ELEMENTS = PIECE
+    monkeypatch.setattr(_fallback, "CHUNK_ELEMENTS", PIECE)
     assert _fallback._pieces(x, 1, grad_y) is None
     with torch.no_grad():
         assert _fallback._pieces(x, 1, grad_y) is not None
@@ -192,3 +192,26 @@ def test_middle_range_formulas(dtype):
         allowed = allowed_ulps(z, "gelu", {}, dtype, derivative)
         worst = int((error / allowed).argmax())
         assert bool((error <= allowed).all()), f"z = {z[worst].item()!r}: {error[worst].item():.3g} ULP"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batched_rows(dtype, small_pieces):
+    """[B, T, H] with the bias on H: pieces of the [B T, H] rows (one batch element can be far larger than a
+    piece), for bias_act, its backward and the gated pair."""
+    x, bias, grad_y = _inputs(dtype, (2, 37, 64)), _inputs(dtype, (64,)), _inputs(dtype, (2, 37, 64))
+    assert _fallback._pieces(x.view(-1, 64), -1) is None  # (real piece sizes: taken whole)
+    whole, pieces = small_pieces(_fallback.bias_act, x, bias, None, None, "gelu", 0.0, 0.0, 2)
+    _assert_same(pieces, whole)
+    assert pieces.shape == x.shape
+    args = (grad_y, x, bias, None, None, "gelu", 0.0, 0.0, 2, False, True, False)
+    whole_grads, piece_grads = small_pieces(_fallback.bias_act_backward, *args)
+    _assert_same(piece_grads[0], whole_grads[0], _derivative_terms(x.double() + bias.double(), grad_y))
+    _assert_sums(piece_grads[1], whole_grads[1], dtype)
+    up = _inputs(dtype, (2, 37, 64))
+    whole, pieces = small_pieces(_fallback.gated, x, up, None, None, "swish", 1.0, 0.0, 1.0)
+    _assert_same(pieces, whole)
+    whole_grads, piece_grads = small_pieces(
+        _fallback.gated_backward, grad_y, x, up, None, None, "swish", 1.0, 0.0, 1.0, True
+    )
+    _assert_same(piece_grads[1], whole_grads[1])
+    assert piece_grads[0].shape == x.shape

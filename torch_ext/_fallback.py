@@ -523,11 +523,24 @@ def _rounded(sums: list[Tensor], parameters: tuple[Tensor | None, ...]) -> list[
     return [s if p is None or not s.numel() else s.to(p.dtype) for s, p in zip(sums, parameters, strict=True)]
 
 
+def _last_as_minus_one(dim: int, x: Tensor) -> int:
+    """-1 for the last dimension (whatever view of ``x`` the pieces take), ``dim`` otherwise."""
+    return -1 if x.dim() and dim % x.dim() == x.dim() - 1 else dim
+
+
 def _piecewise(function, tensors: tuple, args: tuple, dim: int, likes: tuple) -> tuple[list, list]:
     """``function(*tensors, *args)`` on the whole tensors, or piece by piece (``_pieces`` of their rows) with
     its first ``len(likes)`` results written into new tensors like ``likes``, and the rest (gradient sums in
     the compute dtype) added up. Returns (the results, the sums)."""
     outputs = len(likes)
+    last = likes[0].dim() - 1
+    if last > 1 and dim % likes[0].dim() == last and all(t.is_contiguous() for t in (*tensors, *likes)):
+        # [B, T, H] with the channels last: pieces of rows of the [B T, H] matrix, not of whole B
+        shape, columns = likes[0].shape, likes[0].shape[-1]
+        results, sums = _piecewise(
+            function, tuple(t.view(-1, columns) for t in tensors), args, -1, tuple(t.view(-1, columns) for t in likes)
+        )
+        return [r.view(shape) for r in results], sums
     pieces = _pieces(likes[0], dim, *tensors)
     if pieces is None:
         results = function(*tensors, *args)
@@ -554,6 +567,7 @@ def bias_act(
     param2: float,
     dim: int,
 ) -> Tensor:
+    dim = _last_as_minus_one(dim, x)
     (y,), _ = _piecewise(_bias_act_whole, (x,), (bias, weight, weight2, activation, param, param2, dim), dim, (x,))
     return y
 
@@ -588,6 +602,7 @@ def bias_act_backward(
     compute_grad_bias: bool,
     compute_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dim = _last_as_minus_one(dim, saved)
     args = (
         bias,
         weight,
