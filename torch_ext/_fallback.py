@@ -123,9 +123,9 @@ def _gelu_erfc_backward(grad: Tensor, z: Tensor) -> Tensor:
 
 
 def _fast_where_accurate(key: tuple[str, str], x: Tensor, fast, careful, middle=None) -> Tensor:
-    """``fast()`` where ``x`` lies in ``FAST_RANGE[key]``, ``careful(mask)`` (the careful formula on the
-    elements selected by ``mask``, None: all) elsewhere; ``middle()`` instead where every element lies in
-    ``MIDDLE_RANGE[key]`` but not every one in ``FAST_RANGE[key]``. Where fast and careful are needed
+    """``fast()`` where ``x`` lies in ``FAST_RANGE[key]``, ``careful()`` (the careful formula, on every
+    element) elsewhere; ``middle()`` instead where every element lies in ``MIDDLE_RANGE[key]`` but not
+    every one in ``FAST_RANGE[key]``. Where fast and careful are needed
     both run on every element and a select picks: gathering and scattering the outside elements by a
     boolean mask (nonzero, index, index_put) costs more per element of the whole tensor than the careful
     formula itself."""
@@ -143,12 +143,8 @@ def _fast_where_accurate(key: tuple[str, str], x: Tensor, fast, careful, middle=
             return middle()
     inside = (x >= low) & (x <= high)  # False for NaN
     if not bool(inside.any()):
-        return careful(None)
-    return torch.where(inside, fast(), careful(None))
-
-
-def _pick(t: Tensor, mask: Tensor | None) -> Tensor:
-    return t if mask is None or t.dim() == 0 else t[mask]
+        return careful()
+    return torch.where(inside, fast(), careful())
 
 
 def _needs_derivative(*tensors: Tensor) -> bool:
@@ -191,8 +187,8 @@ def activation_forward(
     if activation in ("heaviside", "heaviside_ste"):
         return torch.heaviside(z, z.new_tensor(param))
 
-    def careful(mask):
-        return _careful_forward(_pick(z, mask), activation, param, param2)
+    def careful():
+        return _careful_forward(z, activation, param, param2)
 
     # The smooth ones: PyTorch's ops where they are accurate, the careful twin elsewhere.
     if activation in ("gelu", "gelu_tanh"):
@@ -259,8 +255,8 @@ def activation_backward(
     if activation == "heaviside_ste":
         return grad.clone()
 
-    def careful(mask):
-        return _careful_backward(_pick(grad, mask), _pick(saved, mask), activation, param, param2)
+    def careful():
+        return _careful_backward(grad, saved, activation, param, param2)
 
     if grad.shape != saved.shape:  # (a broadcast gradient: no element-wise split)
         grad = grad.expand_as(saved)
@@ -277,7 +273,7 @@ def activation_backward(
         return _fast_where_accurate(("swish", "backward"), param * saved, fast, careful)
     if activation == "mish":
         if _needs_derivative(grad, saved):  # aten.mish_backward has no derivative
-            return careful(None)
+            return careful()
         fast = lambda: torch.ops.aten.mish_backward(grad, saved)  # noqa: E731
         return _fast_where_accurate(("mish", "backward"), saved, fast, careful)
     if activation == "sigmoid":  # from the input
@@ -585,7 +581,7 @@ def _weight_sum(grad: Tensor, weight: Tensor | None, dim: int) -> Tensor:
         return grad.new_empty(0)
     if weight.numel() == 1:
         return grad.sum().reshape(1)
-    return reduce_to_channels(grad, dim % max(grad.dim(), 1))
+    return _channel_sum(grad, weight, True, dim)
 
 
 def bias_act_backward(
