@@ -35,6 +35,7 @@ import pytest
 import torch
 
 import fusedact
+from fusedact import _fallback
 from reference import (
     SAVES_OUTPUT,
     SINGLE_CASES,
@@ -426,3 +427,79 @@ if __name__ == "__main__":
     if not HAS_CUDA and "TRITON_INTERPRET" not in os.environ:
         sys.exit("run with TRITON_INTERPRET=1 (no GPU) to include the Triton kernels")
     print(report(sys.argv[1:] or None))
+
+
+# The fallback's block check (``_fallback.CHECK_BLOCK``): in a tensor of ordinary values with a few extreme
+# ones, the fast op runs on every element and only the blocks holding an element outside its fast range
+# are recomputed (gathered, then scattered back). Each element is still held to its tolerance; the spy
+# makes sure the blocks were in fact recomputed alone. The bias puts z = x + b on gelu''s zero, the window
+# of the fast backward's cancellation (``_fallback.FAST_EXCLUDED``), which no bf16 x alone reaches.
+_BLOCK_CASES = [
+    c for c in SINGLE_CASES if c[1] in ("gelu", "silu", "swish", "quick_gelu", "sigmoid", "mish", "softplus")
+]
+_GELU_ZERO = -0.7517915
+
+
+def _sparse_outliers(dtype, seed=0):
+    """(x [64, 128], bias [128]): N(0, 1/4) values, EDGES and values past the ranges' ends in a few blocks,
+    and three columns whose bias moves -0.75 onto and beside gelu''s zero."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 128, generator=generator, dtype=torch.float64) * 0.5
+    bias = torch.randn(128, generator=generator, dtype=torch.float64) * 0.1
+    specials = torch.tensor(EDGES + [-3.7, -4.5, -5.0, -12.9, -20.0, 7.5, 90.0], dtype=torch.float64)
+    positions = torch.randperm(x.numel(), generator=generator)[: len(specials)]
+    x.view(-1)[positions] = specials
+    x[5:9, :3] = -0.75
+    bias[:3] = torch.tensor([_GELU_ZERO + 0.75, _GELU_ZERO + 0.75 + 1e-4, _GELU_ZERO + 0.75 - 1e-5])
+    return x.to(dtype), bias.to(dtype)
+
+
+@pytest.mark.parametrize("case", _BLOCK_CASES, ids=[c[0] for c in _BLOCK_CASES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_sparse_outliers_recomputed_in_blocks(case, dtype):
+    label, function, params = case
+    x, bias = _sparse_outliers(dtype)
+    recomputed = []
+    select = _fallback._select_accurate
+
+    def spy(key, rows, *args, **kwargs):
+        recomputed.append(rows.numel())
+        return select(key, rows, *args, **kwargs)
+
+    with backend("torch"), mock.patch.object(_fallback, "_select_accurate", spy):
+        xs, bs = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        y = getattr(fusedact, function)(xs, bs, **params)
+        y.backward(torch.ones_like(y))
+    assert recomputed and min(recomputed) < x.numel() // 2, f"{label}: no blocks recomputed alone ({recomputed})"
+    z = (x.float() + bias.float()).to(torch.float64)  # the fp32 z the fallback computes
+    held = held_params(function, params, dtype)
+    value, slope = exact_activation(z, function, held)
+    if function in SAVES_OUTPUT:
+        slope = saved_output_derivative(y.detach(), function)
+    for kind, actual, reference in (("forward", y.detach(), value), ("backward", xs.grad, slope)):
+        error = ulp_error(actual, reference, dtype)
+        bad = error > allowed_ulps(z, function, held, dtype, kind == "backward")
+        assert not bad.any(), f"{label} {dtype} {kind} at z = {z[bad].tolist()[:5]}: {actual[bad].tolist()[:5]}"
+
+
+# Each of ``_fallback.FAST_RANGE_ROUNDED``'s ranges, over a dense fp32 grid of it (z = x + bias is any fp32
+# number): the fast op's fp32 result, rounded once, within the tolerance (outside the excluded window).
+_FAST_OPS = {
+    ("gelu", "forward"): lambda z: torch.nn.functional.gelu(z),
+    ("gelu", "backward"): lambda z: torch.ops.aten.gelu_backward(torch.ones_like(z), z),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(_fallback.FAST_RANGE_ROUNDED, key=str), ids=str)
+def test_fast_range_rounded(entry):
+    activation, direction, dtype = entry
+    low, _ = _fallback.FAST_RANGE_ROUNDED[entry]
+    z = torch.linspace(low, 8.0, 1_000_003, dtype=torch.float32)
+    excluded = _fallback.FAST_EXCLUDED.get(entry)
+    if excluded is not None:
+        z = z[(z - excluded[0]).abs() >= excluded[1]]
+    value, slope = exact_activation(z.double(), activation, {})
+    derivative = direction == "backward"
+    error = ulp_error(_FAST_OPS[(activation, direction)](z).to(dtype), slope if derivative else value, dtype)
+    worst = int(error.argmax())
+    assert error[worst] <= (2.0 if derivative else 1.0), f"{entry}: {error[worst]:.3g} ULP at z = {z[worst].item()!r}"

@@ -113,6 +113,26 @@ MIDDLE_RANGE: dict[tuple[str, str], tuple[float, float]] = {
 }
 
 
+# Where the result is rounded to bf16 or fp16, PyTorch's fp32 op is accurate over a wider range than fp32
+# asks for: (activation, direction, dtype) -> [low, high], measured over a dense fp32 grid (4 million points
+# of [-9, 0]) against float64, with a margin (the worst error inside, in ULPs of the dtype: F.gelu 0.75 in
+# bf16 and 0.73 in fp16, of the forward's 1 ULP; aten.gelu_backward 0.51 and 0.61, of the backward's 2,
+# outside ``FAST_EXCLUDED``). tests/test_fallback_pieces.py checks each range over its own grid.
+FAST_RANGE_ROUNDED: dict[tuple[str, str, torch.dtype], tuple[float, float]] = {
+    ("gelu", "forward", torch.bfloat16): (-3.6, TAME_LIMIT),
+    ("gelu", "forward", torch.float16): (-3.0, TAME_LIMIT),
+    ("gelu", "backward", torch.bfloat16): (-4.0, TAME_LIMIT),
+    ("gelu", "backward", torch.float16): (-4.0, TAME_LIMIT),
+}
+# (activation, direction, dtype) -> (centre, half-width) of a window inside FAST_RANGE_ROUNDED where the fast
+# op is not accurate: gelu' = Phi(z) + z phi(z) crosses 0 at z = -0.75179, where aten.gelu_backward's two
+# terms cancel (18 bf16 ULPs, 2.7 fp16 ULPs; more than 1 ULP within 1.1e-4 and 9.1e-4 of the zero).
+FAST_EXCLUDED: dict[tuple[str, str, torch.dtype], tuple[float, float]] = {
+    ("gelu", "backward", torch.bfloat16): (-0.7517915, 3e-4),
+    ("gelu", "backward", torch.float16): (-0.7517915, 2e-3),
+}
+
+
 def _gelu_erfc(z: Tensor) -> Tensor:  # (no in-place ops: a double backward differentiates these)
     return torch.special.erfc(z * -_SQRT_HALF) * (0.5 * z)
 
@@ -122,29 +142,83 @@ def _gelu_erfc_backward(grad: Tensor, z: Tensor) -> Tensor:
     return (0.5 * torch.special.erfc(z * -_SQRT_HALF) + density) * grad
 
 
-def _fast_where_accurate(key: tuple[str, str], x: Tensor, fast, careful, middle=None) -> Tensor:
-    """``fast()`` where ``x`` lies in ``FAST_RANGE[key]``, ``careful()`` (the careful formula, on every
-    element) elsewhere; ``middle()`` instead where every element lies in ``MIDDLE_RANGE[key]`` but not
-    every one in ``FAST_RANGE[key]``. Where fast and careful are needed
-    both run on every element and a select picks: gathering and scattering the outside elements by a
-    boolean mask (nonzero, index, index_put) costs more per element of the whole tensor than the careful
-    formula itself."""
-    low, high = FAST_RANGE[key]
+# Elements are checked in blocks of this many: a block's min and max take one vectorized pass (PyTorch's
+# amin over rows of 64 runs at aminmax's speed; rows of 8 or 16 are 8x slower), and the few blocks with an
+# element outside the fast range are gathered, recomputed and scattered back as whole rows.
+CHECK_BLOCK = 64
+
+
+def _fast_where_accurate(
+    key: tuple[str, str], x: Tensor, tensors: tuple[Tensor, ...], fast, careful, middle=None, rounding_to=None
+) -> Tensor:
+    """``fast(*tensors)`` where ``x`` (the tensor the ranges are of, shaped like them) lies in the fast range
+    of ``key`` (``FAST_RANGE``, or ``FAST_RANGE_ROUNDED`` for a result rounded to ``rounding_to``),
+    ``careful(*tensors)`` elsewhere; ``middle(*tensors)`` instead where every element lies in
+    ``MIDDLE_RANGE[key]``. One min/max pass decides the common case, every element inside (a NaN makes
+    both NaN: not inside); then the blocks (``CHECK_BLOCK``) with an element outside: where they are few,
+    the fast op runs on everything and those blocks alone are recomputed. Otherwise every element takes
+    the middle formula, or the fast and careful ones and a select (a boolean gather and scatter of single
+    elements costs more per element of the whole tensor than the careful formula itself)."""
+    low, high = FAST_RANGE_ROUNDED.get((*key, rounding_to), FAST_RANGE[key])
+    excluded = FAST_EXCLUDED.get((*key, rounding_to))
     if x.numel() == 0:
-        return fast()
-    # One min/max pass decides the common case, every element inside (a NaN makes both NaN: not inside);
-    # the element-wise masks (several passes of bool tensors) only where some element is outside.
+        return fast(*tensors)
     smallest, largest = torch.aminmax(x)
-    if bool((smallest >= low) & (largest <= high)):
-        return fast()
+    below, above = bool(~(smallest >= low)), bool(~(largest <= high))  # (NaN: both)
+    if not (below or above or excluded):
+        return fast(*tensors)
+    blocks = _outside_blocks(x, tensors, low, high, below, above, excluded)
+    if blocks is not None:
+        if blocks.numel() == 0:
+            return fast(*tensors)
+        if 2 * blocks.numel() <= x.numel() // CHECK_BLOCK:  # few: recompute those alone
+            result = fast(*tensors)
+            rows = tuple(t.reshape(-1, CHECK_BLOCK).index_select(0, blocks) for t in tensors)
+            x_rows = next((r for t, r in zip(tensors, rows, strict=True) if t is x), None)
+            x_rows = x.reshape(-1, CHECK_BLOCK).index_select(0, blocks) if x_rows is None else x_rows
+            fixed = _select_accurate(key, x_rows, rows, fast, careful, middle, low, high, excluded)
+            return result.view(-1, CHECK_BLOCK).index_copy_(0, blocks, fixed).view(result.shape)
+    return _select_accurate(key, x, tensors, fast, careful, middle, low, high, excluded, (smallest, largest))
+
+
+def _outside_blocks(x, tensors, low, high, below, above, excluded) -> Tensor | None:
+    """Indices of the ``CHECK_BLOCK``-element blocks of ``x`` with an element outside [low, high] (or NaN)
+    or in the ``excluded`` window; None where the tensors cannot be viewed as blocks (strided, broadcast,
+    a size not a multiple of the block, or recorded by autograd: the fix is written in place)."""
+    if x.numel() % CHECK_BLOCK or _needs_derivative(x, *tensors):
+        return None
+    if not all(t.is_contiguous() and t.shape == x.shape for t in (x, *tensors)):
+        return None
+    rows = x.view(-1, CHECK_BLOCK)
+    flagged = None
+    if below:
+        flagged = ~(rows.amin(1) >= low)
+    if above:
+        outside = ~(rows.amax(1) <= high)
+        flagged = outside if flagged is None else flagged | outside
+    if excluded is not None:
+        centre, half_width = excluded
+        near = (rows - centre).abs_().amin(1) < half_width
+        flagged = near if flagged is None else flagged | near
+    return flagged.nonzero().squeeze(1)
+
+
+def _select_accurate(key, x, tensors, fast, careful, middle, low, high, excluded, extremes=None) -> Tensor:
+    """Every element by an accurate formula for it: the middle formula on all of them where all lie in
+    ``MIDDLE_RANGE`` (``extremes``: x's min and max, if known), else the fast formula inside [low, high] but
+    outside the ``excluded`` window and the careful one elsewhere, and a select."""
     if middle is not None:
         middle_low, middle_high = MIDDLE_RANGE[key]
+        smallest, largest = torch.aminmax(x) if extremes is None else extremes
         if bool((smallest >= middle_low) & (largest <= middle_high)):
-            return middle()
+            return middle(*tensors)
     inside = (x >= low) & (x <= high)  # False for NaN
+    if excluded is not None:
+        centre, half_width = excluded
+        inside &= (x - centre).abs() >= half_width
     if not bool(inside.any()):
-        return careful()
-    return torch.where(inside, fast(), careful())
+        return careful(*tensors)
+    return torch.where(inside, fast(*tensors), careful(*tensors))
 
 
 def _needs_derivative(*tensors: Tensor) -> bool:
@@ -159,9 +233,12 @@ def activation_forward(
     param2: float = 0.0,
     weight: Tensor | None = None,
     weight2: Tensor | None = None,
+    rounding_to: torch.dtype | None = None,
 ) -> Tensor:
     """f(z): ``param``/``param2`` the activation's float parameters, ``weight``/``weight2`` its learned ones
-    (PReLU's slope; xIELU's alpha_p, alpha_n), shaped to broadcast with ``z`` (see kernels/activations.py)."""
+    (PReLU's slope; xIELU's alpha_p, alpha_n), shaped to broadcast with ``z`` (see kernels/activations.py).
+    ``rounding_to``: the dtype the caller rounds the result to, where that lets a fast op cover more
+    (``FAST_RANGE_ROUNDED``)."""
     # Activations whose PyTorch op has the kernels' semantics and accuracy for every input.
     if activation == "relu":
         return torch.relu(z)
@@ -187,26 +264,27 @@ def activation_forward(
     if activation in ("heaviside", "heaviside_ste"):
         return torch.heaviside(z, z.new_tensor(param))
 
-    def careful():
+    def careful(z):
         return _careful_forward(z, activation, param, param2)
 
     # The smooth ones: PyTorch's ops where they are accurate, the careful twin elsewhere.
+    def accurate(key, fast, middle=None, x=z):
+        return _fast_where_accurate(key, x, (z,), fast, careful, middle, rounding_to)
+
     if activation in ("gelu", "gelu_tanh"):
         approximate = "none" if activation == "gelu" else "tanh"
-        fast = lambda: F.gelu(z, approximate=approximate)  # noqa: E731
-        middle = (lambda: _gelu_erfc(z)) if activation == "gelu" else None
-        return _fast_where_accurate((activation, "forward"), z, fast, careful, middle)
-    if activation == "swish":
-        x = param * z
-        fast = (lambda: F.silu(z)) if param == 1.0 else (lambda: z * torch.sigmoid(x))
-        return _fast_where_accurate(("swish", "forward"), x, fast, careful)
+        middle = _gelu_erfc if activation == "gelu" else None
+        return accurate((activation, "forward"), lambda z: F.gelu(z, approximate=approximate), middle)
+    if activation == "swish":  # the range is of x = beta z
+        if param == 1.0:
+            return accurate(("swish", "forward"), F.silu)
+        return accurate(("swish", "forward"), lambda z: z * torch.sigmoid(param * z), x=param * z)
     if activation == "sigmoid":
-        return _fast_where_accurate(("sigmoid", "forward"), z, lambda: torch.sigmoid(z), careful)
+        return accurate(("sigmoid", "forward"), torch.sigmoid)
     if activation == "mish":
-        return _fast_where_accurate(("mish", "forward"), z, lambda: F.mish(z), careful)
+        return accurate(("mish", "forward"), F.mish)
     if activation == "softplus":  # beta, threshold: the range is of t = beta z
-        fast = lambda: F.softplus(z, param, param2)  # noqa: E731
-        return _fast_where_accurate(("softplus", "forward"), param * z, fast, careful)
+        return accurate(("softplus", "forward"), lambda z: F.softplus(z, param, param2), x=param * z)
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -219,9 +297,11 @@ def activation_backward(
     weight: Tensor | None = None,
     weight2: Tensor | None = None,
     saved_is_output: bool = False,
+    rounding_to: torch.dtype | None = None,
 ) -> Tensor:
     """grad * f'(z) from ``saved``: the output where ``saved_is_output`` (relu, leaky_relu with slope >= 0,
-    sigmoid, tanh, as bias_act keeps them), else the input (for those too: the gated ops keep it)."""
+    sigmoid, tanh, as bias_act keeps them), else the input (for those too: the gated ops keep it).
+    ``rounding_to``: as for ``activation_forward``."""
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, saved, 0)
     if activation == "leaky_relu":
@@ -255,36 +335,35 @@ def activation_backward(
     if activation == "heaviside_ste":
         return grad.clone()
 
-    def careful():
+    def careful(grad, saved):
         return _careful_backward(grad, saved, activation, param, param2)
 
     if grad.shape != saved.shape:  # (a broadcast gradient: no element-wise split)
         grad = grad.expand_as(saved)
+
+    def accurate(key, fast, middle=None, x=saved):
+        return _fast_where_accurate(key, x, (grad, saved), fast, careful, middle, rounding_to)
+
     if activation in ("gelu", "gelu_tanh"):
         approximate = "none" if activation == "gelu" else "tanh"
-        fast = lambda: torch.ops.aten.gelu_backward(grad, saved, approximate=approximate)  # noqa: E731
-        middle = (lambda: _gelu_erfc_backward(grad, saved)) if activation == "gelu" else None
-        return _fast_where_accurate((activation, "backward"), saved, fast, careful, middle)
-    if activation == "swish":
+        fast = lambda grad, saved: torch.ops.aten.gelu_backward(grad, saved, approximate=approximate)  # noqa: E731
+        return accurate((activation, "backward"), fast, _gelu_erfc_backward if activation == "gelu" else None)
+    if activation == "swish":  # the range is of x = beta z
+        x = saved if param == 1.0 else param * saved
         if param == 1.0 and not _needs_derivative(grad, saved):  # aten.silu_backward has no derivative
-            fast = lambda: torch.ops.aten.silu_backward(grad, saved)  # noqa: E731
-        else:
-            fast = lambda: _swish_backward_plain(grad, saved, param)  # noqa: E731
-        return _fast_where_accurate(("swish", "backward"), param * saved, fast, careful)
+            return accurate(("swish", "backward"), torch.ops.aten.silu_backward, x=x)
+        return accurate(("swish", "backward"), lambda grad, saved: _swish_backward_plain(grad, saved, param), x=x)
     if activation == "mish":
         if _needs_derivative(grad, saved):  # aten.mish_backward has no derivative
-            return careful()
-        fast = lambda: torch.ops.aten.mish_backward(grad, saved)  # noqa: E731
-        return _fast_where_accurate(("mish", "backward"), saved, fast, careful)
+            return careful(grad, saved)
+        return accurate(("mish", "backward"), torch.ops.aten.mish_backward)
     if activation == "sigmoid":  # from the input
-        fast = lambda: torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(saved))  # noqa: E731
-        return _fast_where_accurate(("sigmoid", "backward"), saved, fast, careful)
+        return accurate(("sigmoid", "backward"), lambda g, z: torch.ops.aten.sigmoid_backward(g, torch.sigmoid(z)))
     if activation == "tanh":  # from the input
-        fast = lambda: torch.ops.aten.tanh_backward(grad, torch.tanh(saved))  # noqa: E731
-        return _fast_where_accurate(("tanh", "backward"), saved, fast, careful)
+        return accurate(("tanh", "backward"), lambda g, z: torch.ops.aten.tanh_backward(g, torch.tanh(z)))
     if activation == "softplus":  # (aten.softplus_backward is differentiable)
-        fast = lambda: torch.ops.aten.softplus_backward(grad, saved, param, param2)  # noqa: E731
-        return _fast_where_accurate(("softplus", "backward"), param * saved, fast, careful)
+        fast = lambda grad, saved: torch.ops.aten.softplus_backward(grad, saved, param, param2)  # noqa: E731
+        return accurate(("softplus", "backward"), fast, x=param * saved)
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -500,6 +579,25 @@ def _along(t: Tensor | None, x: Tensor, dim: int) -> Tensor | None:
 CHUNK_ELEMENTS = 1 << 18
 
 
+# glibc's malloc serves a request at or above its mmap threshold (128 KiB at first) with a fresh mmap, and
+# raises the threshold to a freed mmapped chunk's size, never past that size: so a piece's temporaries, all
+# of one size (1 MiB in fp32), are mapped afresh on every allocation, and every page of them faults on its
+# first touch (measured: 740-1250 page faults per fp32 gelu piece, 4x its time). Freeing one 16 MiB block
+# once raises the threshold above them (and the heap's trim threshold to 32 MiB): the same state any program
+# reaches by freeing a 16 MiB buffer, after which the pieces reuse the heap's memory. Elsewhere it is one
+# harmless allocation.
+_HEAP_THRESHOLD_BYTES = 16 << 20
+_heap_threshold_raised = False
+
+
+def _raise_heap_threshold() -> None:
+    global _heap_threshold_raised
+    if not _heap_threshold_raised:
+        _heap_threshold_raised = True
+        del_me = torch.empty(_HEAP_THRESHOLD_BYTES, dtype=torch.uint8)
+        del del_me
+
+
 def _pieces(x: Tensor, dim: int, *others: Tensor | None) -> list[slice] | None:
     """Row ranges (along dim 0) of cache-sized pieces of ``x`` and the same-shaped ``others`` (any strides:
     the outputs are ``empty_like``, the layout PyTorch's element-wise ops give), or None where the tensors
@@ -526,8 +624,9 @@ def _last_as_minus_one(dim: int, x: Tensor) -> int:
 
 def _piecewise(function, tensors: tuple, args: tuple, dim: int, likes: tuple) -> tuple[list, list]:
     """``function(*tensors, *args)`` on the whole tensors, or piece by piece (``_pieces`` of their rows) with
-    its first ``len(likes)`` results written into new tensors like ``likes``, and the rest (gradient sums in
-    the compute dtype) added up. Returns (the results, the sums)."""
+    its first ``len(likes)`` results (in the compute dtype) rounded once to the dtypes of ``likes``, into new
+    tensors like them (a piece's result is converted as it is written: no rounded temporary), and the rest
+    (gradient sums in the compute dtype) added up. Returns (the results, the sums)."""
     outputs = len(likes)
     last = likes[0].dim() - 1
     if last > 1 and dim % likes[0].dim() == last and all(t.is_contiguous() for t in (*tensors, *likes)):
@@ -541,7 +640,9 @@ def _piecewise(function, tensors: tuple, args: tuple, dim: int, likes: tuple) ->
     if pieces is None:
         results = function(*tensors, *args)
         results = results if isinstance(results, tuple) else (results,)
-        return list(results[:outputs]), list(results[outputs:])
+        rounded = [r.to(like.dtype) for r, like in zip(results[:outputs], likes, strict=True)]
+        return rounded, list(results[outputs:])
+    _raise_heap_threshold()
     written, sums = [torch.empty_like(t) for t in likes], None
     for rows in pieces:
         results = function(*(t[rows] for t in tensors), *args)
@@ -571,7 +672,7 @@ def bias_act(
 def _bias_act_whole(x, bias, weight, weight2, activation, param, param2, dim) -> Tensor:
     z = _with_bias(x, _along(bias, x, dim))
     weight, weight2 = (None if w is None else _along(w, x, dim).to(z.dtype) for w in (weight, weight2))
-    return activation_forward(z, activation, param, param2, weight, weight2).to(x.dtype)
+    return activation_forward(z, activation, param, param2, weight, weight2, x.dtype)
 
 
 def _weight_sum(grad: Tensor, weight: Tensor | None, dim: int) -> Tensor:
@@ -629,8 +730,8 @@ def _bias_act_backward_whole(
     compute_grad_bias,
     compute_grad_weight,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """grad_x in ``saved``'s dtype, and the bias's and learned parameters' gradients in the compute dtype
-    (empty where not asked for)."""  # fmt: skip
+    """grad_x, and the bias's and learned parameters' gradients, in the compute dtype (empty where not asked
+    for)."""  # fmt: skip
     z = _with_bias(saved, None if saved_is_output else _along(bias, saved, dim))
     grad = grad_y.to(z.dtype)
     shaped = [None if w is None else _along(w, saved, dim).to(z.dtype) for w in (weight, weight2)]
@@ -640,11 +741,11 @@ def _bias_act_backward_whole(
         if compute_grad_weight:
             grad_weight = _weight_sum(grad_slope, weight, dim)
     else:
-        grad_x = activation_backward(grad, z, activation, param, param2, *shaped, saved_is_output)
+        grad_x = activation_backward(grad, z, activation, param, param2, *shaped, saved_is_output, saved.dtype)
         if compute_grad_weight and activation == "xielu":
             terms = _xielu_parameter_gradients(grad, z, param2)
             grad_weight, grad_weight2 = (_weight_sum(t, w, dim) for t, w in zip(terms, (weight, weight2), strict=True))
-    return grad_x.to(saved.dtype), _channel_sum(grad_x, bias, compute_grad_bias, dim), grad_weight, grad_weight2
+    return grad_x, _channel_sum(grad_x, bias, compute_grad_bias, dim), grad_weight, grad_weight2
 
 
 def _gate_and_up(
@@ -672,7 +773,7 @@ def gated(
 
 def _gated_whole(gate, up, gate_bias, up_bias, activation, param, param2, gate_scale) -> Tensor:
     z, u = _gate_and_up(gate, up, gate_bias, up_bias, gate_scale)
-    return (activation_forward(z, activation, param, param2) * u).to(gate.dtype)
+    return activation_forward(z, activation, param, param2, rounding_to=gate.dtype) * u
 
 
 def gated_backward(
@@ -697,16 +798,16 @@ def gated_backward(
 def _gated_backward_whole(
     grad_y, gate, up, gate_bias, up_bias, activation, param, param2, gate_scale, compute_grad_bias
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """grad_gate, grad_up in their inputs' dtypes, the biases' gradients in the compute dtype."""
+    """grad_gate, grad_up and the biases' gradients in the compute dtype."""
     z, u = _gate_and_up(gate, up, gate_bias, up_bias, gate_scale)
     grad = grad_y.to(z.dtype)
-    activated = activation_forward(z, activation, param, param2)
+    activated = activation_forward(z, activation, param, param2, rounding_to=gate.dtype)
     grad_activated = grad * u if gate_scale == 1.0 else (grad * u) * gate_scale
-    grad_gate = activation_backward(grad_activated, z, activation, param, param2)
+    grad_gate = activation_backward(grad_activated, z, activation, param, param2, rounding_to=gate.dtype)
     grad_up = grad * activated
     return (
-        grad_gate.to(gate.dtype),
-        grad_up.to(up.dtype),
+        grad_gate,
+        grad_up,
         _channel_sum(grad_gate, gate_bias, compute_grad_bias),
         _channel_sum(grad_up, up_bias, compute_grad_bias),
     )
