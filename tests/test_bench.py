@@ -314,11 +314,12 @@ def test_breakdown_shares_are_the_differences_of_the_layers():
     rows = {stage.strip(): values for stage, _, values in overhead.breakdown_rows({"columns": {"no grad": column}})}
     assert rows["input checks"] == [3.0] and rows["autograd wrapping"] == [2.5]
     assert rows["dispatch and layout"] == [0.5] and rows["kernel call"] == [4.0]
-    assert rows["fusedact / eager"] == [2.5]
+    assert rows["above the kernel call"] == [6.0] and rows["public / eager"] == [2.5]
+    assert rows["fusedact / eager"] == [1.5]  # (10 - 4) / 4: our part, the kernel call (launch, math) left out
     report = import_bench("report")
-    with_grad = {**column, "public": [5.0] * 3}
+    with_grad = {**column, "public": [11.0] * 3}
     target = report._breakdown_target({"columns": {"no grad": column, "requires grad": with_grad}})
-    assert (target["worst"], target["where"], target["met"]) == (2.5, "no grad", False)
+    assert (target["worst"], target["where"], target["met"]) == (1.75, "requires grad", False)
 
 
 def test_linear_point_times_the_layer_and_the_part_beyond_the_gemm(torch_backend):

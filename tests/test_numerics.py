@@ -441,10 +441,10 @@ _GELU_ZERO = -0.7517915
 
 
 def _sparse_outliers(dtype, seed=0):
-    """(x [64, 128], bias [128]): N(0, 1/4) values, EDGES and values past the ranges' ends in a few blocks,
+    """(x [256, 128], bias [128]): N(0, 1/4) values, EDGES and values past the ranges' ends in a few blocks,
     and three columns whose bias moves -0.75 onto and beside gelu''s zero."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(64, 128, generator=generator, dtype=torch.float64) * 0.5
+    x = torch.randn(256, 128, generator=generator, dtype=torch.float64) * 0.5
     bias = torch.randn(128, generator=generator, dtype=torch.float64) * 0.1
     specials = torch.tensor(EDGES + [-3.7, -4.5, -5.0, -12.9, -20.0, 7.5, 90.0], dtype=torch.float64)
     positions = torch.randperm(x.numel(), generator=generator)[: len(specials)]
@@ -470,6 +470,7 @@ def test_sparse_outliers_recomputed_in_blocks(case, dtype):
         xs, bs = x.clone().requires_grad_(), bias.clone().requires_grad_()
         y = getattr(fusedact, function)(xs, bs, **params)
         y.backward(torch.ones_like(y))
+    assert x.numel() >= _fallback.BLOCK_CHECK_FROM
     assert recomputed and min(recomputed) < x.numel() // 2, f"{label}: no blocks recomputed alone ({recomputed})"
     z = (x.float() + bias.float()).to(torch.float64)  # the fp32 z the fallback computes
     held = held_params(function, params, dtype)
@@ -487,9 +488,11 @@ def test_sparse_outliers_recomputed_in_blocks(case, dtype):
 _FAST_OPS = {
     ("gelu", "forward"): lambda z: torch.nn.functional.gelu(z),
     ("gelu", "backward"): lambda z: torch.ops.aten.gelu_backward(torch.ones_like(z), z),
+    ("gelu_tanh", "forward"): lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+    ("gelu_tanh", "backward"): lambda z: torch.ops.aten.gelu_backward(torch.ones_like(z), z, approximate="tanh"),
     ("swish", "backward"): lambda z: torch.ops.aten.silu_backward(torch.ones_like(z), z),
 }
-_EXACT_NAMES = {"gelu": "gelu", "swish": "silu"}
+_EXACT = {"gelu": ("gelu", {}), "gelu_tanh": ("gelu", {"approximate": "tanh"}), "swish": ("silu", {})}
 
 
 @pytest.mark.parametrize("entry", sorted(_fallback.FAST_RANGE_ROUNDED, key=str), ids=str)
@@ -500,7 +503,7 @@ def test_fast_range_rounded(entry):
     excluded = _fallback.FAST_EXCLUDED.get(entry)
     if excluded is not None:
         z = z[(z - excluded[0]).abs() >= excluded[1]]
-    value, slope = exact_activation(z.double(), _EXACT_NAMES[activation], {})
+    value, slope = exact_activation(z.double(), *_EXACT[activation])
     derivative = direction == "backward"
     error = ulp_error(_FAST_OPS[(activation, direction)](z).to(dtype), slope if derivative else value, dtype)
     worst = int(error.argmax())

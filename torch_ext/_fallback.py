@@ -114,16 +114,22 @@ MIDDLE_RANGE: dict[tuple[str, str], tuple[float, float]] = {
 
 
 # Where the result is rounded to bf16 or fp16, PyTorch's fp32 op is accurate over a wider range than fp32
-# asks for: (activation, direction, dtype) -> [low, high], measured over a dense fp32 grid (4 million points
-# of [-9, 0]) against float64, with a margin (the worst error inside, in ULPs of the dtype: F.gelu 0.75 in
-# bf16 and 0.73 in fp16, of the forward's 1 ULP; aten.gelu_backward 0.51 and 0.61, of the backward's 2,
-# outside ``FAST_EXCLUDED``; aten.silu_backward 0.52 over [-80, 100]). tests/test_numerics.py checks each
-# range over a grid of its own (test_fast_range_rounded).
+# asks for: (activation, direction, dtype) -> [low, high], measured over dense fp32 grids (4 million points
+# of [-9, 0] or [-10, 100]) against float64, with a margin (the worst error inside, in ULPs of the dtype:
+# F.gelu 0.75 in bf16 and 0.73 in fp16, of the forward's 1 ULP; aten.gelu_backward 0.51 and 0.61, of the
+# backward's 2, outside ``FAST_EXCLUDED``; aten.silu_backward 0.52 over [-80, 100]). tests/test_numerics.py
+# checks each range over a grid of its own (test_fast_range_rounded).
 FAST_RANGE_ROUNDED: dict[tuple[str, str, torch.dtype], tuple[float, float]] = {
     ("gelu", "forward", torch.bfloat16): (-3.6, TAME_LIMIT),
     ("gelu", "forward", torch.float16): (-3.0, TAME_LIMIT),
     ("gelu", "backward", torch.bfloat16): (-4.0, TAME_LIMIT),
     ("gelu", "backward", torch.float16): (-4.0, TAME_LIMIT),
+    # the tanh form's (no window: its backward's terms cancel to within 0.63 bf16 and 0.90 fp16 ULPs at
+    # their zero); worst inside 0.62 / 0.64 ULP in bf16, 0.61 / 0.90 in fp16
+    ("gelu_tanh", "forward", torch.bfloat16): (-4.0, TAME_LIMIT),
+    ("gelu_tanh", "forward", torch.float16): (-3.5, TAME_LIMIT),
+    ("gelu_tanh", "backward", torch.bfloat16): (-4.0, TAME_LIMIT),
+    ("gelu_tanh", "backward", torch.float16): (-3.5, TAME_LIMIT),
     # silu' = s (1 + z (1 - s)): fp32's 1 - s cancels above 7, by less than 1e-6 absolute (0.52 ULP)
     ("swish", "backward", torch.bfloat16): (-80.0, TAME_LIMIT),
     ("swish", "backward", torch.float16): (-80.0, TAME_LIMIT),
@@ -152,6 +158,9 @@ def _gelu_erfc_backward(grad: Tensor, z: Tensor) -> Tensor:
 # a bf16 gelu piece of the benchmark's inputs, z ~ N(0, 2), 372 us a forward against 421 with 64 and 557
 # with 128; fewer elements are recomputed.)
 CHECK_BLOCK = 32
+# Smaller tensors skip the block check: its ten-odd small ops cost more there (~30 us) than the careful or
+# middle formula on every element.
+BLOCK_CHECK_FROM = 1 << 15
 
 
 def _fast_where_accurate(
@@ -189,9 +198,10 @@ def _fast_where_accurate(
 
 def _outside_blocks(x, tensors, low, high, below, above, excluded) -> Tensor | None:
     """Indices of the ``CHECK_BLOCK``-element blocks of ``x`` with an element outside [low, high] (or NaN)
-    or in the ``excluded`` window; None where the tensors cannot be viewed as blocks (strided, broadcast,
-    a size not a multiple of the block, or recorded by autograd: the fix is written in place)."""
-    if x.numel() % CHECK_BLOCK or _needs_derivative(x, *tensors):
+    or in the ``excluded`` window; None where the tensors are small (``BLOCK_CHECK_FROM``) or cannot be
+    viewed as blocks (strided, broadcast, a size not a multiple of the block, or recorded by autograd: the
+    fix is written in place)."""
+    if x.numel() < BLOCK_CHECK_FROM or x.numel() % CHECK_BLOCK or _needs_derivative(x, *tensors):
         return None
     if not all(t.is_contiguous() and t.shape == x.shape for t in (x, *tensors)):
         return None
@@ -555,12 +565,14 @@ def _with_bias(t: Tensor, bias: Tensor | None) -> Tensor:
     upcasting t first would)."""
     dtype = compute_dtype(t.dtype)
     if bias is None:
-        return t.to(dtype)
+        return t if t.dtype == dtype else t.to(dtype)
+    if bias.dtype != dtype:
+        bias = bias.to(dtype)
     if t.dtype == dtype:
-        return torch.add(t, bias.to(dtype))
+        return torch.add(t, bias)
     # Upcast first, then add in place: the same values as torch.add(t, bias) with type promotion (the bf16/fp16
     # to fp32 conversion is exact), whose mixed-dtype CPU loop is ~30x slower than the two vectorized passes.
-    return t.to(dtype).add_(bias.to(dtype))
+    return t.to(dtype).add_(bias)
 
 
 def _channel_sum(grad: Tensor, bias: Tensor | None, compute: bool, dim: int = -1) -> Tensor:
@@ -572,8 +584,10 @@ def _channel_sum(grad: Tensor, bias: Tensor | None, compute: bool, dim: int = -1
 
 
 def _along(t: Tensor | None, x: Tensor, dim: int) -> Tensor | None:
-    """A per-channel ``[C]`` tensor shaped to broadcast along ``dim`` of ``x``."""
-    return None if t is None else t.view(channel_shape(x, dim))
+    """A per-channel ``[C]`` tensor shaped to broadcast along ``dim`` of ``x`` (the last: as it is)."""
+    if t is None or dim == -1:
+        return t
+    return t.view(channel_shape(x, dim))
 
 
 # Cache-sized pieces. Each element-wise op here is one pass over whole tensors, with fp32 temporaries (a
@@ -628,12 +642,25 @@ def _last_as_minus_one(dim: int, x: Tensor) -> int:
     return -1 if x.dim() and dim % x.dim() == x.dim() - 1 else dim
 
 
+def _whole(function, tensors: tuple, args: tuple, likes: tuple) -> tuple[list, list]:
+    """``_piecewise`` on the whole tensors: one call, its outputs rounded to the dtypes of ``likes``."""
+    results = function(*tensors, *args)
+    results = results if isinstance(results, tuple) else (results,)
+    outputs = len(likes)
+    rounded = [
+        r if r.dtype == like.dtype else r.to(like.dtype) for r, like in zip(results[:outputs], likes, strict=True)
+    ]
+    return rounded, list(results[outputs:])
+
+
 def _piecewise(function, tensors: tuple, args: tuple, dim: int, likes: tuple) -> tuple[list, list]:
     """``function(*tensors, *args)`` on the whole tensors, or piece by piece (``_pieces`` of their rows) with
     its first ``len(likes)`` results (in the compute dtype) rounded once to the dtypes of ``likes``, into new
     tensors like them (a piece's result is converted as it is written: no rounded temporary), and the rest
     (gradient sums in the compute dtype) added up. Returns (the results, the sums)."""
     outputs = len(likes)
+    if likes[0].numel() < 2 * CHUNK_ELEMENTS:  # (the common small call: no layout questions)
+        return _whole(function, tensors, args, likes)
     last = likes[0].dim() - 1
     if last > 1 and dim % likes[0].dim() == last and all(t.is_contiguous() for t in (*tensors, *likes)):
         # [B, T, H] with the channels last: pieces of rows of the [B T, H] matrix, not of whole B
@@ -644,10 +671,7 @@ def _piecewise(function, tensors: tuple, args: tuple, dim: int, likes: tuple) ->
         return [r.view(shape) for r in results], sums
     pieces = _pieces(likes[0], dim, *tensors)
     if pieces is None:
-        results = function(*tensors, *args)
-        results = results if isinstance(results, tuple) else (results,)
-        rounded = [r.to(like.dtype) for r, like in zip(results[:outputs], likes, strict=True)]
-        return rounded, list(results[outputs:])
+        return _whole(function, tensors, args, likes)
     _raise_heap_threshold()
     written, sums = [torch.empty_like(t) for t in likes], None
     for rows in pieces:

@@ -134,7 +134,10 @@ def _for_backward(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     of the ``z`` eager would keep)."""
     if torch.is_inference_mode_enabled():
         return tensors
-    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
+    for t in tensors:  # (the common case, none of them: no new tuple)
+        if t is not None and t.is_inference():
+            return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
+    return tensors
 
 
 _dtensor_sharding = False  # registered with DTensor yet (the first call that sees a DTensor does it)
