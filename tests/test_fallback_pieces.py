@@ -1,15 +1,15 @@
 """The fallback in cache-sized pieces (``_fallback.CHUNK_ELEMENTS``) gives what it gives on whole tensors:
-every output element (each element's fast or careful path is chosen by its own value) within the ULPs
-the fallback's accuracy allows of the whole tensor's result, and the bias's and learned parameters'
-gradients as the same sums, rounded once, within the rounding of fp32 sums in another order (checked
-against float64 sums of the same terms).
+every output element within the ULPs the fallback's accuracy allows of the whole tensor's result, and the
+bias's and learned parameters' gradients as sums of terms that differ by as much, rounded once (bounded by
+the sum of the terms' magnitudes; checked against float64 sums of the same terms too).
 
 Not bitwise: PyTorch's CPU ops compute a tensor's last elements (its length modulo the SIMD width) on a
 scalar path whose bits may differ from the vector path's (each within the ~4 fp32 ULPs of the exact value
-that ``_fallback.FAST_RANGE`` allows, so within 8 of each other), and the careful path runs on the
-gathered outside elements, whose lanes depend on which other elements are outside. Both paths are held
-to the float64 references by the accuracy tests (tests/test_numerics.py); and a piece whose elements all
-lie in a range where a cheaper formula is accurate takes it (``_fallback.MIDDLE_RANGE``)."""
+that ``_fallback.FAST_RANGE`` allows, so within 8 of each other), and a piece and the whole tensor may
+take different accurate formulas for the same element: the fast op, or, in a block recomputed because a
+neighbour lies outside the fast range (``_fallback.CHECK_BLOCK``), the careful one, or for a piece whose
+elements all lie where a cheaper formula is accurate, that one (``_fallback.MIDDLE_RANGE``). Every path is
+held to the float64 references by the accuracy tests (tests/test_numerics.py)."""
 
 import contextlib
 

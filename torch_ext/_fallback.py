@@ -12,10 +12,14 @@ cache, so only the inputs' reads and the outputs' writes reach memory). Two path
   are written as the kernels' selects: PyTorch's CPU kernels treat a NaN input one way when vectorized
   and another way element by element). Outside those ranges PyTorch's fp32 ops cancel (``1 + erf`` below
   z = -1.8, ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below -88), and
-  give NaN at +-inf where the function has a limit. One min/max pass over a piece decides: every element
-  inside, the fast op alone; every element in ``MIDDLE_RANGE`` (gelu: its erfc formulas, accurate down
-  to z = -12.8), those few ops; otherwise both paths on every element and a select (a boolean gather and
-  scatter of the outside elements costs more than the careful formula itself).
+  give NaN at +-inf where the function has a limit. Where the result is rounded to bf16 or fp16 the
+  fast ops cover more (``FAST_RANGE_ROUNDED``: F.gelu down to z = -3.6 in bf16, except a window around
+  gelu''s zero for its backward, ``FAST_EXCLUDED``). One min/max pass over a piece decides: every element
+  inside, the fast op alone; else blocks of ``CHECK_BLOCK`` elements are checked, and where few hold an
+  element outside, the fast op runs on everything and those blocks alone are gathered, recomputed and
+  scattered back; else every element in ``MIDDLE_RANGE`` (gelu: its erfc formulas, accurate down to
+  z = -12.8) takes those few ops; otherwise both paths run on every element and a select picks (a boolean
+  gather and scatter of single elements costs more than the careful formula itself).
 - Careful path: the twin of ``kernels/activations.py``, line for line (same formulas, same scaling of
   exponentials by 2^64 in the tails, same limits at +-inf; see that module's docstring), for the
   elements outside ``FAST_RANGE`` (tails, NaN, inf, huge values), and for every element when a backward
@@ -593,9 +597,10 @@ def _along(t: Tensor | None, x: Tensor, dim: int) -> Tensor | None:
 # Cache-sized pieces. Each element-wise op here is one pass over whole tensors, with fp32 temporaries (a
 # bf16 input's fp32 copy, z, the activation's intermediates): over a [8192, 4096] tensor every pass streams
 # through memory, over a piece of 2^18 elements (1 MiB in fp32) they stay in the L2 cache and only the
-# inputs' reads and the outputs' writes reach memory, as in a fused kernel. Each element's result is the
-# same either way (the fast or careful path is chosen per element); the bias and learned parameters'
-# gradients are summed per piece in the compute dtype and rounded once, at the end.
+# inputs' reads and the outputs' writes reach memory, as in a fused kernel. Each element's result is
+# within its accuracy bound either way, though not always the same bits (a piece and the whole tensor may
+# take different accurate formulas: the fast op, the middle or the careful one); the bias and learned
+# parameters' gradients are summed per piece in the compute dtype and rounded once, at the end.
 CHUNK_ELEMENTS = 1 << 18
 
 
