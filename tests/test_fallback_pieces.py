@@ -184,30 +184,61 @@ def test_sums_against_float64():
     torch.testing.assert_close(grad_bias.double(), grad_x.double().sum(0), rtol=1e-5, atol=1e-4)
 
 
+# (activation, public call, reference function and parameters, the middle formulas)
+MIDDLE_CASES = [
+    ("gelu", lambda x: fusedact.gelu(x), ("gelu", {}), ("_gelu_erfc", "_gelu_erfc_backward")),
+    (
+        "gelu_tanh",
+        lambda x: fusedact.gelu(x, approximate="tanh"),
+        ("gelu", {"approximate": "tanh"}),
+        ("_gelu_tanh_sigmoid", "_gelu_tanh_sigmoid_backward"),
+    ),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
-def test_middle_range_formulas(dtype):
-    """gelu's erfc formulas (``_fallback.MIDDLE_RANGE``), which a tensor whose every element lies in their
-    range takes, hold the whole-range claims of tests/test_numerics.py there (forward 1 ULP in bf16/fp16,
-    backward 2; fp32 and fp64 the condition number's tolerance) over every bf16/fp16 value of the range
-    and a dense fp32 (fp64) grid of it."""
+@pytest.mark.parametrize("case", MIDDLE_CASES, ids=[c[0] for c in MIDDLE_CASES])
+def test_middle_range_formulas(case, dtype):
+    """The middle formulas (``_fallback.MIDDLE_RANGE``: gelu's erfc ones, the tanh form's sigmoid ones), which
+    a tensor whose every element lies in their range takes, hold the whole-range claims of
+    tests/test_numerics.py there (forward 1 ULP in bf16/fp16, backward 2; fp32 and fp64 the condition
+    number's tolerance) over every bf16/fp16 value of the range and a dense fp32 (fp64) grid of it; the spy
+    makes sure they ran."""
+    from unittest import mock
+
     from test_numerics import allowed_ulps, inputs_for
 
     from reference import exact_activation, ulp_error
 
-    low, high = _fallback.MIDDLE_RANGE[("gelu", "forward")]
-    assert _fallback.MIDDLE_RANGE[("gelu", "backward")] == (low, high)
+    activation, call, (function, params), middles = case
+    low, high = _fallback.MIDDLE_RANGE[(activation, "forward")]
+    assert _fallback.MIDDLE_RANGE[(activation, "backward")] == (low, high)
     x = inputs_for(dtype, 1) if dtype != torch.float64 else inputs_for(torch.float32, 1).double()
-    x = x[(x >= low) & (x <= high)]
-    assert bool((x < _fallback.FAST_RANGE[("gelu", "forward")][0]).any())  # not all inside: the middle formula
-    with fusedact_backend("torch"):
+    x = x[(x.double() >= low) & (x.double() <= high)]  # (in float64: a bf16 x would round -12.8 first)
+    assert bool((x < _fallback.FAST_RANGE[(activation, "forward")][0]).any())  # not all inside
+    ran = dict.fromkeys(middles, 0)
+
+    def spied(name):
+        formula = getattr(_fallback, name)
+
+        def run(*args):
+            ran[name] += 1
+            return formula(*args)
+
+        return run
+
+    with fusedact_backend("torch"), contextlib.ExitStack() as stack:
+        for name in middles:
+            stack.enter_context(mock.patch.object(_fallback, name, spied(name)))
         x = x.clone().requires_grad_()
-        y = fusedact.gelu(x)
+        y = call(x)
         y.backward(torch.ones_like(y))
+    assert all(ran.values()), f"middle formulas not taken: {ran}"
     z = x.detach().double()
-    value, slope = exact_activation(z, "gelu", {})
+    value, slope = exact_activation(z, function, params)
     for actual, reference, derivative in ((y.detach(), value, False), (x.grad, slope, True)):
         error = ulp_error(actual, reference, dtype)
-        allowed = allowed_ulps(z, "gelu", {}, dtype, derivative)
+        allowed = allowed_ulps(z, function, params, dtype, derivative)
         worst = int((error / allowed).argmax())
         assert bool((error <= allowed).all()), f"z = {z[worst].item()!r}: {error[worst].item():.3g} ULP"
 

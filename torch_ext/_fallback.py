@@ -108,12 +108,16 @@ def _elu_params(activation: str, param: float) -> tuple[float, float, float]:
 
 # (activation, direction) -> [low, high] where a formula of PyTorch ops of its own (``middle``, below) is
 # accurate: gelu's z erfc(-z / sqrt 2) / 2 and derivative erfc(-z / sqrt 2) / 2 + z exp(-z^2 / 2) / sqrt(2 pi),
-# from PyTorch's erfc (within an fp32 ULP until it leaves the normal range below z = -13). A few ops, where
-# the careful twin takes ~25: used on a whole piece whose elements all lie in this range but not all in
-# FAST_RANGE (gelu's backward's fast range is z >= 0: half of every ordinary tensor).
+# from PyTorch's erfc (within an fp32 ULP until it leaves the normal range below z = -13); the tanh form's
+# z s(x) and derivative s(x) + z x' s(x) s(-x), x = z (a + b z^2) its logit, from PyTorch's sigmoid (accurate
+# while x >= -80, FAST_RANGE's sigmoid: z >= -9.6). A few ops, where the careful twin takes ~25: used on
+# a whole piece whose elements all lie in this range but not all in FAST_RANGE (gelu's backward's fast
+# range is z >= 0: half of every ordinary tensor).
 MIDDLE_RANGE: dict[tuple[str, str], tuple[float, float]] = {
     ("gelu", "forward"): (_GELU_TAIL, TAME_LIMIT),
     ("gelu", "backward"): (_GELU_TAIL, TAME_LIMIT),
+    ("gelu_tanh", "forward"): (-9.6, TAME_LIMIT),
+    ("gelu_tanh", "backward"): (-9.6, TAME_LIMIT),
 }
 
 
@@ -154,6 +158,18 @@ def _gelu_erfc(z: Tensor) -> Tensor:  # (no in-place ops: a double backward diff
 def _gelu_erfc_backward(grad: Tensor, z: Tensor) -> Tensor:
     density = torch.exp((z * z) * -0.5) * (_INV_SQRT_2PI * z)
     return (0.5 * torch.special.erfc(z * -_SQRT_HALF) + density) * grad
+
+
+def _gelu_tanh_sigmoid(z: Tensor) -> Tensor:
+    _, logit, _ = _gelu_tanh_logit(z)
+    return z * torch.sigmoid(logit)
+
+
+def _gelu_tanh_sigmoid_backward(grad: Tensor, z: Tensor) -> Tensor:
+    # s(x) s(-x), not s (1 - s): 1 - s cancels where s nears 1
+    zc, logit, logit_derivative = _gelu_tanh_logit(z)
+    slope = torch.sigmoid(logit) * torch.sigmoid(-logit)
+    return (torch.sigmoid(logit) + (zc * logit_derivative) * slope) * grad
 
 
 # Elements are checked in blocks of this many: a block's min and max take one vectorized pass (PyTorch's
@@ -293,7 +309,7 @@ def activation_forward(
 
     if activation in ("gelu", "gelu_tanh"):
         approximate = "none" if activation == "gelu" else "tanh"
-        middle = _gelu_erfc if activation == "gelu" else None
+        middle = _gelu_erfc if activation == "gelu" else _gelu_tanh_sigmoid
         return accurate((activation, "forward"), lambda z: F.gelu(z, approximate=approximate), middle)
     if activation == "swish":  # the range is of x = beta z
         if param == 1.0:
@@ -367,7 +383,8 @@ def activation_backward(
     if activation in ("gelu", "gelu_tanh"):
         approximate = "none" if activation == "gelu" else "tanh"
         fast = lambda grad, saved: torch.ops.aten.gelu_backward(grad, saved, approximate=approximate)  # noqa: E731
-        return accurate((activation, "backward"), fast, _gelu_erfc_backward if activation == "gelu" else None)
+        middle = _gelu_erfc_backward if activation == "gelu" else _gelu_tanh_sigmoid_backward
+        return accurate((activation, "backward"), fast, middle)
     if activation == "swish":  # the range is of x = beta z
         x = saved if param == 1.0 else param * saved
         if param == 1.0 and not _needs_derivative(grad, saved):  # aten.silu_backward has no derivative
