@@ -432,7 +432,7 @@ if __name__ == "__main__":
 # The fallback's block check (``_fallback.CHECK_BLOCK``): in a tensor of ordinary values with a few extreme
 # ones, the fast op runs on every element and only the blocks holding an element outside its fast range
 # are recomputed (gathered, then scattered back). Each element is still held to its tolerance; the spy
-# makes sure the blocks were in fact recomputed alone. The bias puts z = x + b on gelu''s zero, the window
+# makes sure the blocks were in fact recomputed alone. The bias puts z = x + b on the zero of gelu', the window
 # of the fast backward's cancellation (``_fallback.FAST_EXCLUDED``), which no bf16 x alone reaches.
 _BLOCK_CASES = [
     c for c in SINGLE_CASES if c[1] in ("gelu", "silu", "swish", "quick_gelu", "sigmoid", "mish", "softplus")
@@ -442,7 +442,7 @@ _GELU_ZERO = -0.7517915
 
 def _sparse_outliers(dtype, seed=0):
     """(x [256, 128], bias [128]): N(0, 1/4) values, EDGES and values past the ranges' ends in a few blocks,
-    and three columns whose bias moves -0.75 onto and beside gelu''s zero."""
+    and three columns whose bias moves -0.75 onto and beside the zero of gelu'."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(256, 128, generator=generator, dtype=torch.float64) * 0.5
     bias = torch.randn(128, generator=generator, dtype=torch.float64) * 0.1

@@ -14,7 +14,7 @@ cache, so only the inputs' reads and the outputs' writes reach memory). Two path
   z = -1.8, ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below -88), and
   give NaN at +-inf where the function has a limit. Where the result is rounded to bf16 or fp16 the
   fast ops cover more (``FAST_RANGE_ROUNDED``: F.gelu down to z = -3.6 in bf16, except a window around
-  gelu''s zero for its backward, ``FAST_EXCLUDED``). One min/max pass over a piece decides: every element
+  the zero of gelu' for its backward, ``FAST_EXCLUDED``). One min/max pass over a piece decides: every element
   inside, the fast op alone; else blocks of ``CHECK_BLOCK`` elements are checked, and where few hold an
   element outside, the fast op runs on everything and those blocks alone are gathered, recomputed and
   scattered back; else every element in ``MIDDLE_RANGE`` (gelu: its erfc formulas, accurate down to
@@ -225,6 +225,7 @@ def _outside_blocks(x, tensors, low, high, below, above, excluded) -> Tensor | N
         return None
     if not all(t.is_contiguous() and t.shape == x.shape for t in (x, *tensors)):
         return None
+
     def flagged(rows: Tensor) -> Tensor:
         marks = None
         if below:
