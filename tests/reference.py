@@ -1,6 +1,7 @@
 """float64 references and the tolerances the tests hold fusedact to.
 
-References are PyTorch's own ops evaluated in float64 on ``z = x + bias`` (computed exactly in float64),
+References are PyTorch's own ops (the ELU family: their formula with expm1, as newer PyTorch evaluates it)
+evaluated in float64 on ``z = x + bias`` (computed exactly in float64),
 with the mathematical limit where PyTorch's formula gives NaN for an infinite input. Gradients come from
 float64 autograd through the same ops.
 
@@ -60,6 +61,8 @@ LIMIT_FIXED = ("gelu", "silu", "swish", "quick_gelu", "mish")
 # Activations whose backward reads their output, rounded to the output dtype, as eager PyTorch's does.
 SAVES_OUTPUT = ("sigmoid", "tanh")
 
+_SELU_ALPHA = 1.6732632423543772848170429916717  # PyTorch's constants (F.selu)
+_SELU_SCALE = 1.0507009873554804934193349852946
 _MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
 _MIN_EXPONENT = {torch.float16: -14, torch.bfloat16: -126, torch.float32: -126, torch.float64: -1022}
 
@@ -82,12 +85,14 @@ def reference_activation(z: torch.Tensor, function: str, params: dict) -> torch.
         return torch.sigmoid(z)
     if function == "tanh":
         return torch.tanh(z)
-    if function == "elu":
-        return F.elu(z, params["alpha"])
-    if function == "selu":
-        return F.selu(z)
-    if function == "celu":
-        return F.celu(z, params["alpha"])
+    if function in ("elu", "selu", "celu"):  # PyTorch's formula, with expm1 (PyTorch 2.5's F.elu: exp(z) - 1)
+        alpha = _SELU_ALPHA if function == "selu" else params["alpha"]
+        scale = _SELU_SCALE if function == "selu" else 1.0
+        inner = 1.0 / alpha if function == "celu" else 1.0
+        # (expm1 of z <= 0 alone, the gradient at z = 0 through it: at z = inf the unselected branch's
+        # gradient would be 0 * inf = NaN)
+        negative = torch.where(z > 0, torch.zeros_like(z), z)
+        return torch.where(z > 0, z * scale, torch.expm1(negative * inner) * (alpha * scale))
     if function == "relu_squared":
         return F.relu(z) ** 2
     if function == "mish":

@@ -246,6 +246,23 @@ def test_whole_range_float64(case):
     check(results, f"fallback {label} float64")
 
 
+_ELU_CASES = [c for c in SINGLE_CASES if c[1] in ("elu", "selu", "celu")]
+
+
+@pytest.mark.parametrize("case", _ELU_CASES, ids=[c[0] for c in _ELU_CASES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_elu_formula_where_aten_has_no_expm1(case, dtype, monkeypatch):
+    """The fallback's own ELU formula, which it takes where PyTorch's ELU computes exp(z) - 1 (torch 2.5:
+    +0.0 at tiny negative z), over the whole range; the -0.0 sign as the kernels'."""
+    monkeypatch.setattr(_fallback, "_ATEN_ELU_EXPM1", False)
+    label, function, params = case
+    with backend("torch"):
+        results = measure(function, params, dtype, "cpu", 4 if dtype == torch.float64 else STRIDE["torch"])
+        y = getattr(fusedact, function)(torch.tensor([-0.0, 0.0, -1e-30], dtype=dtype), **params)
+    check(results, f"expm1 formula {label} {dtype}")
+    assert torch.equal(torch.signbit(y[:2]), torch.tensor([True, False])) and y[2] < 0
+
+
 @pytest.mark.skipif(not HAS_INTERPRETER, reason="needs Triton's interpreter (no GPU)")
 @pytest.mark.parametrize("direction", [1.0, -1.0], ids=["high", "low"])
 @pytest.mark.parametrize("case", _SMOOTH_CASES, ids=[c[0] for c in _SMOOTH_CASES])

@@ -10,7 +10,8 @@ cache, so only the inputs' reads and the outputs' writes reach memory). Two path
   forward, hardtanh, hardsigmoid and heaviside always take it: their PyTorch ops are accurate over the
   whole range and have exactly the kernels' semantics (hardtanh's, hardswish's and hardsigmoid's backward
   are written as the kernels' selects: PyTorch's CPU kernels treat a NaN input one way when vectorized
-  and another way element by element). Outside those ranges PyTorch's fp32 ops cancel (``1 + erf`` below
+  and another way element by element; on PyTorch 2.5, whose ELU computes ``exp(z) - 1``, the ELU
+  family's forward is written with ``expm1``). Outside those ranges PyTorch's fp32 ops cancel (``1 + erf`` below
   z = -1.8, ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below -88), and
   give NaN at +-inf where the function has a limit. Where the result is rounded to bf16 or fp16 the
   fast ops cover more (``FAST_RANGE_ROUNDED``: F.gelu down to z = -3.6 in bf16, except a window around
@@ -104,6 +105,26 @@ def _elu_params(activation: str, param: float) -> tuple[float, float, float]:
     if activation == "selu":
         return _SELU_ALPHA, _SELU_SCALE, 1.0
     return param, 1.0, 1.0 / param  # celu
+
+
+_ATEN_ELU_EXPM1: bool | None = None
+
+
+def _aten_elu_uses_expm1() -> bool:
+    """Whether PyTorch's ELU evaluates ``expm1``: PyTorch 2.5's computes ``exp(z) - 1``, which is 1.3% off
+    at z = -1e-6 in fp32 and gives +0.0 for -0.0 and for tiny negative z (probed once, both CPU paths)."""
+    global _ATEN_ELU_EXPM1
+    if _ATEN_ELU_EXPM1 is None:
+        probe = torch.full((65,), -1e-30)  # a vectorized run and a scalar tail
+        _ATEN_ELU_EXPM1 = bool((torch.ops.aten.elu(probe, 1.0, 1.0, 1.0) != 0).all())
+    return _ATEN_ELU_EXPM1
+
+
+def _elu(z: Tensor, alpha: float, scale: float, input_scale: float) -> Tensor:
+    if _aten_elu_uses_expm1():
+        return torch.ops.aten.elu(z, alpha, scale, input_scale)
+    # PyTorch's formula with expm1 (z <= 0, NaN included, takes the exponential side, as in aten's select)
+    return torch.where(z > 0, z * scale, torch.expm1(z * input_scale) * (alpha * scale))
 
 
 # (activation, direction) -> [low, high] where a formula of PyTorch ops of its own (``middle``, below) is
@@ -303,7 +324,7 @@ def activation_forward(
         return torch.tanh(z)
     if activation in ("elu", "selu", "celu"):
         alpha, scale, input_scale = _elu_params(activation, param)
-        return torch.ops.aten.elu(z, alpha, scale, input_scale)
+        return _elu(z, alpha, scale, input_scale)
     if activation == "relu_squared":
         return torch.relu(z).square()
     if activation in ("heaviside", "heaviside_ste"):
