@@ -40,3 +40,23 @@ def device(request):
         fusedact.set_cpu_backend("triton")
     yield "cuda" if name == "cuda" else "cpu"
     fusedact.set_cpu_backend(previous)
+
+
+def _subnormals_flushed() -> bool:
+    return bool(torch.tensor(1e-39) * 1.0 == 0)
+
+
+# PyTorch 2.5's inductor builds its CPU code with -ffast-math, whose library sets flush-to-zero in the
+# thread that loads it (newer PyTorch's does not), and threads started later inherit it: every later test
+# would see subnormal inputs and results flushed to 0, PyTorch's own ops too. The intra-op threads start
+# now, before any test compiles (one parallel op), and the fixture below resets the main thread.
+torch.full((1 << 20,), 1.0).sum()
+
+
+@pytest.fixture(autouse=True)
+def _keep_subnormals():
+    """Subnormals stay as they were after every test (see above)."""
+    flushed = _subnormals_flushed()
+    yield
+    if _subnormals_flushed() != flushed:
+        torch.set_flush_denormal(flushed)
