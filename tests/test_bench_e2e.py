@@ -3,9 +3,9 @@ the harness runs, writes its files, and the patched model computes the unpatched
 
 import json
 
-import pytest
+from optional import transformers_with_models
 
-pytest.importorskip("transformers")
+transformers_with_models()
 
 from bench import e2e  # noqa: E402
 

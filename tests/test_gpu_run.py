@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from optional import needs_transformers_models
 from test_bench import ROOT, import_bench  # bench is loaded from its folder, as there
 
 gpu_run = import_bench("gpu_run")
 
 
+@needs_transformers_models  # (its e2e part builds transformers' Llama)
 def test_dry_run_runs_every_part_on_the_cpu_and_writes_at_most_8_files(tmp_path):
     """THE DRY RUN: ``python -m bench.gpu_run --dry-run`` runs every part, each to its end, at toy size."""
     command = [sys.executable, "-m", "bench.gpu_run", "--dry-run", "--out", str(tmp_path)]

@@ -21,11 +21,12 @@ import os
 import pytest
 import torch
 from architectures import ARCHITECTURES, coverage_row, readme_table, run
+from optional import transformers_with_models
 
 import fusedact
 from fusedact.lab.models import TINY_MODELS
 
-transformers = pytest.importorskip("transformers")
+transformers = transformers_with_models()
 
 SEQUENCE, BATCH = 12, 2
 VOCAB = TINY_MODELS["tiny-llama"][1]["vocab_size"]  # 128, as every tiny model

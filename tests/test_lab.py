@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from optional import needs_transformers_models
 from torch import nn
 
 import fusedact
@@ -582,6 +583,7 @@ TRANSFORMERS = {
 }
 
 
+@needs_transformers_models
 @pytest.mark.parametrize("name", list(TRANSFORMERS))
 def test_inspect_transformers_models(name):
     paths, kind, params, key, value, others = TRANSFORMERS[name]
@@ -603,6 +605,7 @@ def test_inspect_transformers_models(name):
         assert [change.action for change in changes] == ["fold_bias"] * len(expected) + lean
 
 
+@needs_transformers_models
 def test_inspect_command(capsys):
     assert cli.main(["inspect", "tiny-bert"]) == 0
     output = capsys.readouterr().out
@@ -617,6 +620,7 @@ def test_inspect_command(capsys):
     assert report["counts"] == {"gelu(approximate=tanh)": 2} and report["parameters"] == 31616
 
 
+@needs_transformers_models
 def test_inspect_config_directory(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     settings = dict(vocab_size=64, n_embd=16, n_layer=3, n_head=2, n_positions=16, activation_function="relu")
@@ -643,6 +647,7 @@ class FunctionalSiLU(nn.Module):
         return torch.nn.functional.silu(self.act(self.fc(x)))
 
 
+@needs_transformers_models
 def test_functional_activation_named_in_the_config(capsys):
     pytest.importorskip("transformers")
     model = FunctionalSiLU()
@@ -769,6 +774,7 @@ def bert_reference(model: nn.Module, activation: nn.Module) -> nn.Module:
     return reference
 
 
+@needs_transformers_models
 @pytest.mark.parametrize("patch", [False, True])
 def test_swap_gelu_to_relu_on_bert(patch):
     torch.manual_seed(0)
@@ -793,6 +799,7 @@ def test_swap_gelu_to_relu_on_bert(patch):
     torch.testing.assert_close(after, expected, msg="swapped BERT vs an unpatched BERT with nn.ReLU")
 
 
+@needs_transformers_models
 def test_swap_on_patched_llama_runs_the_new_gated_kernel():
     torch.manual_seed(0)
     model = load_model("tiny-llama").eval()
@@ -812,6 +819,7 @@ def test_swap_on_patched_llama_runs_the_new_gated_kernel():
         )
 
 
+@needs_transformers_models
 def test_swap_command(capsys):
     argv = ["swap", "tiny-gpt2", "--from", "gelu", "--to", "leaky_relu:negative_slope=0.1", "--patch"]
     assert cli.main(argv) == 0
@@ -825,15 +833,25 @@ def test_swap_command(capsys):
     assert report["kinds_after"] == {"relu": 2, "tanh": 1} and len(report["changes"]) == 2
 
 
+def test_transformers_without_models_is_a_clear_error(monkeypatch):
+    """Where transformers runs no models beside this torch (transformers 5 under torch 2.5), a built-in
+    model is a LabError saying so, not transformers' "requires the PyTorch library" from inside."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(transformers.utils, "is_torch_available", lambda: False)
+    with pytest.raises(LabError, match=f"transformers {transformers.__version__} runs no models beside torch"):
+        load_model("tiny-bert")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["inspect", "tiny-lama"], "unknown built-in model 'tiny-lama' (did you mean 'tiny-llama'?)"),
         (["inspect", "no_such_model_anywhere"], "MODEL is a built-in tiny transformers model (tiny-llama,"),
         (["inspect", "no_such_package.models:build"], "cannot import 'no_such_package.models'"),
-        (
+        pytest.param(
             ["swap", "tiny-bert", "--from", "relu", "--to", "gelu"],
             "no activation of kind 'relu' in BertModel; it has: gelu(approximate=none) x2, tanh x1",
+            marks=needs_transformers_models,
         ),
         (
             ["swap", "tiny-bert", "--from", "gelu", "--to", "gelux"],
@@ -847,9 +865,10 @@ def test_swap_command(capsys):
             ["swap", "tiny-bert", "--from", "gelu", "--to", "leaky_relu:slope=0.1"],
             "unexpected keyword 'slope' for leaky_relu; it takes: negative_slope",
         ),
-        (
+        pytest.param(
             ["swap", "tiny-bert", "--from", "gelu", "--to", "swiglu"],
             "swiglu is gated (it halves the last dimension), gelu is not",
+            marks=needs_transformers_models,
         ),
     ],
 )

@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from optional import transformers_with_models
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -515,7 +516,7 @@ def test_tiny_models_with_lean_mlps_are_bitwise_the_patched_models(name):
     """transformers' Llama (gated), GPT-2 (Conv1D layers, tanh GELU) and ViT (GELU), patched, then their
     MLPs on the lean blocks (as bench.saved_memory wires them): loss and every gradient bitwise the patched
     model's, and the patched model is the unpatched one's to fp32 rounding (test_integration.py)."""
-    pytest.importorskip("transformers")
+    transformers_with_models()
     from bench import saved_memory
 
     previous = fusedact.get_cpu_backend()
@@ -538,7 +539,7 @@ def test_tiny_models_with_lean_mlps_are_bitwise_the_patched_models(name):
 def test_saved_memory_benchmark_quick_meets_the_targets():
     """``python -m bench.saved_memory --quick``: per block, the [T, F] tensors kept beside x (issue 15's
     targets), and per model, exactly one or two [T, F] tensors per layer fewer than eager / fused."""
-    pytest.importorskip("transformers")
+    transformers_with_models()
     from bench import saved_memory
 
     previous = fusedact.get_cpu_backend()

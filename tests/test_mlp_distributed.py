@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from optional import transformers_with_models
 from torch import nn
 
 import fusedact
@@ -272,7 +273,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    pytest.importorskip("transformers")
+    transformers_with_models()
     out = tmp_path_factory.mktemp("lean_distributed")
     mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]

@@ -36,6 +36,7 @@ from typing import Optional
 
 import pytest
 import torch
+from optional import transformers_with_models
 
 import fusedact
 from fusedact.lab.models import TINY_MODELS
@@ -98,7 +99,7 @@ FAMILIES = {"llama": "tiny-llama", "gpt2": "tiny-gpt2", "bert": "tiny-bert", "t5
 def tiny_from_pretrained():
     """``from_pretrained(name, ...)`` of the Auto classes and of every model class: a random-weight tiny model of
     ``name``'s family in the dtype asked for (``dtype=`` or ``torch_dtype=``), nothing downloaded."""
-    transformers = pytest.importorskip("transformers")
+    transformers = transformers_with_models()
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
     def tiny(cls, name, *args, **kwargs):

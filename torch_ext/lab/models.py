@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+import torch
 from torch import nn
 
 from .specs import LabError
@@ -81,6 +82,11 @@ def _transformers():
         import transformers
     except ImportError:
         raise LabError("transformers models need transformers: pip install transformers") from None
+    if not transformers.utils.is_torch_available():  # (transformers 5 under torch 2.5: configs only)
+        raise LabError(
+            f"transformers {transformers.__version__} runs no models beside torch {torch.__version__}: "
+            "install a newer torch, or a transformers that supports this one"
+        )
     return transformers
 
 
