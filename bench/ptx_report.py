@@ -22,6 +22,7 @@ No GPU and no ``TRITON_INTERPRET`` needed (it is ignored here). ``compile_case``
 import argparse
 import functools
 import importlib
+import inspect
 import json
 import os
 import re
@@ -48,6 +49,21 @@ from fusedact import _triton, kernels, ops  # noqa: E402
 softmax_ops = importlib.import_module("fusedact.softmax")  # the module (fusedact.softmax is also the function)
 
 TARGET = GPUTarget("cuda", 90, 32)
+UNSUPPORTED = "bench.ptx_report: this Triton"  # how an unsupported Triton's message starts (the tests skip on it)
+
+
+def unsupported_triton() -> Optional[str]:
+    """Why this Triton's binder can not specialise the launches here, or None. The report runs Triton's own
+    binder, ``create_function_from_signature(signature, params, backend)`` then ``JITFunction._pack_args``,
+    as the Triton versions it is tested with have them (3.6, 3.8); Triton 3.1's takes no backend and has
+    no ``_pack_args``."""
+    takes_backend = len(inspect.signature(create_function_from_signature).parameters) >= 3
+    if takes_backend and hasattr(JITFunction, "_pack_args"):
+        return None
+    return (f"{UNSUPPORTED} ({triton.__version__}) has another binder than the one the report runs "
+            "(create_function_from_signature with a backend, JITFunction._pack_args: Triton 3.6, 3.8)")  # fmt: skip
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WIDTHS = (4096, 11008, 760, 1128, 196, 49, 11007)
 ROWS = 4096
@@ -442,6 +458,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="check fusedact's launch cache against Triton's binder over every case (exit 1 on a problem)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    reason = unsupported_triton()
+    if reason:
+        print(reason, file=sys.stderr)
+        return 2
     if args.check_launch_cache:
         problems = check_launch_cache(args.widths, args.dtypes, args.rows)
         print("\n".join(problems) or f"launch cache agrees with Triton {triton.__version__}'s binder on every case")

@@ -18,15 +18,14 @@ Compiles ~50 kernel variants with Triton's ptxas: about 30 s on a 2-core CPU.
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("needs Triton", allow_module_level=True)
+
+from test_bench import run_ptx_report  # noqa: E402
 
 from fusedact.kernels import vector_width  # noqa: E402
 
@@ -61,16 +60,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def compiled():
     """(case, activation, dtype, width) -> facts, from one ``bench.ptx_report --json`` run per dtype, in a
     process without ``TRITON_INTERPRET`` (the tests' own process has the interpreted kernels)."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     facts = {}
     softmax_specs = [f"{case}:{activation}" for case, activation in SOFTMAX_CASES.items()]
     runs = (("bf16", [f"{case}:{CASES[case][0]}" for case in CASES], WIDTHS),
             ("fp32", [f"{case}:{CASES[case][0]}" for case in FP32_CASES], [1128]),
             ("bf16", softmax_specs, SOFTMAX_WIDTHS))  # fmt: skip
     for dtype, specs, widths in runs:
-        command = [sys.executable, "-m", "bench.ptx_report", "--json", "--dtypes", dtype, "--cases", *specs]
-        command += ["--widths", *map(str, widths)]
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        done = run_ptx_report("--json", "--dtypes", dtype, "--cases", *specs, "--widths", *map(str, widths))
         assert done.returncode == 0, done.stderr
         for record in json.loads(done.stdout):
             facts.setdefault((record["case"], record["activation"], record["dtype"], record["width"]), []).append(
@@ -148,8 +144,5 @@ def test_launch_cache_agrees_with_triton():
     """``fusedact._triton.LAUNCH_CACHE`` launches a compiled kernel with exactly the arguments Triton's
     ``JITFunction.run`` would pass it, under a key at least as fine as Triton's specialisation, for every
     case's real launches (bench.ptx_report --check-launch-cache)."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "bench.ptx_report", "--check-launch-cache", "--dtypes", "bf16", "fp32"]
-    command += ["--widths", "4096", "760", "11007", "196"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = run_ptx_report("--check-launch-cache", "--dtypes", "bf16", "fp32", "--widths", "4096", "760", "11007", "196")
     assert done.returncode == 0, done.stdout + done.stderr
