@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from optional import transformers_with_models
 
 import fusedact
 
@@ -133,10 +134,9 @@ def test_xielu_mirrors_transformers(device):
     """Same constructor, Parameters and buffers (names, values, dtypes) as transformers' XIELUActivation, a
     state_dict that loads either way, the same function and gradients (alpha_p's and alpha_n's included).
     fp32: both compute in fp32 from the same coefficients; fusedact rounds once, so a few ULPs."""
-    try:
-        from transformers import activations
-    except Exception as error:  # (not only ImportError: a transformers too new for torch 2.5 fails inside)
-        pytest.skip(f"transformers' activations do not import here: {error!r}")
+    transformers_with_models()
+    from transformers import activations
+
     kwargs = dict(alpha_p_init=0.6, alpha_n_init=1.1, beta=0.4, eps=-1e-5, dtype=torch.float32)
     module, reference = fusedact.nn.XIELU(**kwargs), activations.XIELUActivation(**kwargs)
     assert list(module.state_dict()) == list(reference.state_dict()) == ["alpha_p", "alpha_n", "beta", "eps"]

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from optional import transformers_with_models
 from patch_checks import assert_same_function, assert_same_state_dict
 from torch import nn
 
@@ -86,7 +87,9 @@ def test_learned_unknown_activation_is_listed_not_skipped_unseen():
 
 def _xielu():
     """transformers' XIELUActivation (Apertus) with coefficients moved off their initial values."""
-    activations = pytest.importorskip("transformers.activations")
+    transformers_with_models()
+    from transformers import activations
+
     act = activations.XIELUActivation(alpha_p_init=0.6, alpha_n_init=1.1, dtype=torch.float32)
     with torch.no_grad():
         act.alpha_p.add_(0.3), act.alpha_n.sub_(0.2)

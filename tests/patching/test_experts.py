@@ -10,13 +10,14 @@ import copy
 
 import pytest
 import torch
+from optional import transformers_with_models
 from patch_checks import assert_same_state_dict, kernel_calls
 from torch import nn
 
 import fusedact
 from fusedact import patching
 
-transformers = pytest.importorskip("transformers")
+transformers = transformers_with_models()
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
 
 TOKENS, HIDDEN, EXPERTS, TOP_K = 10, 8, 4, 2
