@@ -254,7 +254,7 @@ _ELU_CASES = [c for c in SINGLE_CASES if c[1] in ("elu", "selu", "celu")]
 def test_elu_formula_where_aten_has_no_expm1(case, dtype, monkeypatch):
     """The fallback's own ELU formula, which it takes where PyTorch's ELU computes exp(z) - 1 (torch 2.5:
     +0.0 at tiny negative z), over the whole range; the -0.0 sign as the kernels'."""
-    monkeypatch.setattr(_fallback, "_ATEN_ELU_EXPM1", False)
+    monkeypatch.setattr(_fallback, "_ATEN_ELU_EXPM1", {"cpu": False})
     label, function, params = case
     with backend("torch"):
         results = measure(function, params, dtype, "cpu", 4 if dtype == torch.float64 else STRIDE["torch"])

@@ -107,21 +107,21 @@ def _elu_params(activation: str, param: float) -> tuple[float, float, float]:
     return param, 1.0, 1.0 / param  # celu
 
 
-_ATEN_ELU_EXPM1: bool | None = None
+_ATEN_ELU_EXPM1: dict[str, bool] = {}  # device type -> whether PyTorch's ELU there evaluates expm1
 
 
-def _aten_elu_uses_expm1() -> bool:
-    """Whether PyTorch's ELU evaluates ``expm1``: PyTorch 2.5's computes ``exp(z) - 1``, which is 1.3% off
-    at z = -1e-6 in fp32 and gives +0.0 for -0.0 and for tiny negative z (probed once, both CPU paths)."""
-    global _ATEN_ELU_EXPM1
-    if _ATEN_ELU_EXPM1 is None:
-        probe = torch.full((65,), -1e-30)  # a vectorized run and a scalar tail
-        _ATEN_ELU_EXPM1 = bool((torch.ops.aten.elu(probe, 1.0, 1.0, 1.0) != 0).all())
-    return _ATEN_ELU_EXPM1
+def _aten_elu_uses_expm1(device: torch.device) -> bool:
+    """Whether PyTorch's ELU on ``device``'s type evaluates ``expm1``: PyTorch 2.5's CPU ELU computes
+    ``exp(z) - 1``, which is 1.3% off at z = -1e-6 in fp32 and gives +0.0 for -0.0 and for tiny negative z
+    (probed once per device type, on a vectorized run and a scalar tail)."""
+    if device.type not in _ATEN_ELU_EXPM1:
+        probe = torch.full((65,), -1e-30, dtype=torch.float32, device=device)
+        _ATEN_ELU_EXPM1[device.type] = bool((torch.ops.aten.elu(probe, 1.0, 1.0, 1.0) != 0).all())
+    return _ATEN_ELU_EXPM1[device.type]
 
 
 def _elu(z: Tensor, alpha: float, scale: float, input_scale: float) -> Tensor:
-    if _aten_elu_uses_expm1():
+    if _aten_elu_uses_expm1(z.device):
         return torch.ops.aten.elu(z, alpha, scale, input_scale)
     # PyTorch's formula with expm1 (z <= 0, NaN included, takes the exponential side, as in aten's select)
     return torch.where(z > 0, z * scale, torch.expm1(z * input_scale) * (alpha * scale))
