@@ -622,7 +622,8 @@ def test_inspect_command(capsys):
 
 @needs_transformers_models
 def test_inspect_config_directory(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     settings = dict(vocab_size=64, n_embd=16, n_layer=3, n_head=2, n_positions=16, activation_function="relu")
     transformers.GPT2Config(**settings).save_pretrained(tmp_path)
     assert cli.main(["inspect", str(tmp_path), "--json"]) == 0
@@ -649,7 +650,6 @@ class FunctionalSiLU(nn.Module):
 
 @needs_transformers_models
 def test_functional_activation_named_in_the_config(capsys):
-    pytest.importorskip("transformers")
     model = FunctionalSiLU()
     report = inspect_model(model)
     assert report["config"] == [{"key": "hidden_act", "value": "silu", "kind": "silu", "params": {}, "modules": 0}]
