@@ -184,39 +184,42 @@ def test_sums_against_float64():
     torch.testing.assert_close(grad_bias.double(), grad_x.double().sum(0), rtol=1e-5, atol=1e-4)
 
 
-# (activation, public call, reference function and parameters, the middle formulas)
-MIDDLE_CASES = [
-    ("gelu", lambda x: fusedact.gelu(x), ("gelu", {}), ("_gelu_erfc", "_gelu_erfc_backward")),
+# (activation, public call, reference function and parameters, formulas of PyTorch ops of our own, the ranges
+# they are claimed over): gelu's erfc ones (``_fallback.MIDDLE_RANGE``, between PyTorch's op and the careful
+# twin), the tanh form's sigmoid ones (its fast path, ``_fallback.FAST_RANGE``)
+OWN_FORMULA_CASES = [
+    ("gelu", lambda x: fusedact.gelu(x), ("gelu", {}), ("_gelu_erfc", "_gelu_erfc_backward"), "MIDDLE_RANGE"),
     (
         "gelu_tanh",
         lambda x: fusedact.gelu(x, approximate="tanh"),
         ("gelu", {"approximate": "tanh"}),
         ("_gelu_tanh_sigmoid", "_gelu_tanh_sigmoid_backward"),
+        "FAST_RANGE",
     ),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", MIDDLE_CASES, ids=[c[0] for c in MIDDLE_CASES])
-def test_middle_range_formulas(case, dtype):
-    """The middle formulas (``_fallback.MIDDLE_RANGE``: gelu's erfc ones, the tanh form's sigmoid ones), which
-    a tensor whose every element lies in their range takes, hold the whole-range claims of
-    tests/test_numerics.py there (forward 1 ULP in bf16/fp16, backward 2; fp32 and fp64 the condition
-    number's tolerance) over every bf16/fp16 value of the range and a dense fp32 (fp64) grid of it; the spy
-    makes sure they ran."""
+@pytest.mark.parametrize("case", OWN_FORMULA_CASES, ids=[c[0] for c in OWN_FORMULA_CASES])
+def test_own_formulas_over_their_range(case, dtype):
+    """The fallback's formulas of PyTorch ops of its own, which a tensor whose every element lies in their
+    range takes, hold the whole-range claims of tests/test_numerics.py there (forward 1 ULP in bf16/fp16,
+    backward 2; fp32 and fp64 the condition number's tolerance) over every bf16/fp16 value of the range and a
+    dense fp32 (fp64) grid of it; the spy makes sure they ran."""
     from unittest import mock
 
     from test_numerics import allowed_ulps, inputs_for
 
     from reference import exact_activation, ulp_error
 
-    activation, call, (function, params), middles = case
-    low, high = _fallback.MIDDLE_RANGE[(activation, "forward")]
-    assert _fallback.MIDDLE_RANGE[(activation, "backward")] == (low, high)
+    activation, call, (function, params), formulas, ranges = case
+    low, high = getattr(_fallback, ranges)[(activation, "forward")]
+    assert getattr(_fallback, ranges)[(activation, "backward")] == (low, high)
     x = inputs_for(dtype, 1) if dtype != torch.float64 else inputs_for(torch.float32, 1).double()
     x = x[(x.double() >= low) & (x.double() <= high)]  # (in float64: a bf16 x would round -12.8 first)
-    assert bool((x < _fallback.FAST_RANGE[(activation, "forward")][0]).any())  # not all inside
-    ran = dict.fromkeys(middles, 0)
+    if ranges == "MIDDLE_RANGE":
+        assert bool((x < _fallback.FAST_RANGE[(activation, "forward")][0]).any())  # not all inside
+    ran = dict.fromkeys(formulas, 0)
 
     def spied(name):
         formula = getattr(_fallback, name)
@@ -228,12 +231,12 @@ def test_middle_range_formulas(case, dtype):
         return run
 
     with fusedact_backend("torch"), contextlib.ExitStack() as stack:
-        for name in middles:
+        for name in formulas:
             stack.enter_context(mock.patch.object(_fallback, name, spied(name)))
         x = x.clone().requires_grad_()
         y = call(x)
         y.backward(torch.ones_like(y))
-    assert all(ran.values()), f"middle formulas not taken: {ran}"
+    assert all(ran.values()), f"formulas not taken: {ran}"
     z = x.detach().double()
     value, slope = exact_activation(z, function, params)
     for actual, reference, derivative in ((y.detach(), value, False), (x.grad, slope, True)):

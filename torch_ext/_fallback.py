@@ -4,34 +4,35 @@ Evaluated in fp32 (fp64 for fp64 tensors) with one rounding to the output dtype 
 kernels, in cache-sized pieces of large tensors (``CHUNK_ELEMENTS``: the fp32 temporaries stay in the L2
 cache, so only the inputs' reads and the outputs' writes reach memory). Two paths, and a third for gelu:
 
-- Fast path: PyTorch's own fused ops (``F.gelu``, ``aten.gelu_backward``, ``F.silu``...), for the
-  elements inside the range where that op meets fusedact's accuracy (``FAST_RANGE``: bf16/fp16 within
-  1 ULP and fp32 within a few ULPs of the exact value). relu, leaky_relu, prelu, tanh, the ELU family's
-  forward, hardtanh, hardsigmoid and heaviside always take it: their PyTorch ops are accurate over the
-  whole range and have exactly the kernels' semantics (hardtanh's, hardswish's and hardsigmoid's backward
-  are written as the kernels' selects: PyTorch's CPU kernels treat a NaN input one way when vectorized
-  and another way element by element; on PyTorch 2.5, whose ELU computes ``exp(z) - 1``, the ELU
-  family's forward is written with ``expm1``). Outside those ranges PyTorch's fp32 ops cancel (``1 + erf`` below
-  z = -1.8, ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below -88), and
-  give NaN at +-inf where the function has a limit. Where the result is rounded to bf16 or fp16 the
-  fast ops cover more (``FAST_RANGE_ROUNDED``: F.gelu down to z = -3.6 in bf16, except a window around
-  the zero of gelu' for its backward, ``FAST_EXCLUDED``). One min/max pass over a piece decides: every element
+- Fast path: PyTorch's own fused ops (``F.gelu``, ``aten.gelu_backward``, ``F.silu``...; for the tanh form of
+  GELU, a few in-place ops around ``torch.sigmoid``, twice as fast as its ``F.gelu`` and accurate over more of
+  the range), for the elements inside the range where that op meets fusedact's accuracy (``FAST_RANGE``:
+  bf16/fp16 within 1 ULP and fp32 within a few ULPs of the exact value). relu, leaky_relu, prelu, tanh, the
+  ELU family's forward, hardtanh, hardsigmoid and heaviside always take it: their PyTorch ops are accurate
+  over the whole range and have exactly the kernels' semantics (hardtanh's, hardswish's and hardsigmoid's
+  backward are written as the kernels' selects: PyTorch's CPU kernels treat a NaN input one way when
+  vectorized and another way element by element; on PyTorch 2.5, whose ELU computes ``exp(z) - 1``, the ELU
+  family's forward is written with ``expm1``). Outside those ranges PyTorch's fp32 ops cancel (``1 + erf``
+  below z = -1.8, ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below
+  -88), and give NaN at +-inf where the function has a limit. Where the result is rounded to bf16 or fp16 the
+  fast ops cover more (``FAST_RANGE_ROUNDED``: F.gelu down to z = -3.6 in bf16, except a window around the
+  zero of gelu' for its backward, ``FAST_EXCLUDED``). One min/max pass over a piece decides: every element
   inside, the fast op alone; else blocks of ``CHECK_BLOCK`` elements are checked, and where few hold an
   element outside, the fast op runs on everything and those blocks alone are gathered, recomputed and
-  scattered back; else every element in ``MIDDLE_RANGE`` (gelu: its erfc formulas, accurate down to
-  z = -12.8) takes those few ops; otherwise both paths run on every element and a select picks (a boolean
-  gather and scatter of single elements costs more than the careful formula itself).
+  scattered back; else every element in ``MIDDLE_RANGE`` (gelu: its erfc formulas, accurate down to z = -12.8)
+  takes those few ops; otherwise both paths run on every element and a select picks (a boolean gather and
+  scatter of single elements costs more than the careful formula itself).
 - Careful path: the twin of ``kernels/activations.py``, line for line (same formulas, same scaling of
-  exponentials by 2^64 in the tails, same limits at +-inf; see that module's docstring), for the
-  elements outside ``FAST_RANGE`` (tails, NaN, inf, huge values), and for every element when a backward
-  must itself be differentiable (grad mode on and an input requiring grad: double backward) and PyTorch's
-  op has no derivative (``aten.silu_backward``, ``aten.mish_backward``). Where the kernels evaluate erfc
-  with their own fit of erfcx (Triton's interpreter has no libdevice), the twin calls
-  ``torch.special.erfc`` (within an fp32 ULP above the tail, and ~20x cheaper than PyTorch's erfcx) and,
-  in the tail, ``torch.special.erfcx`` times the scaled gaussian, accurate in fp64 too, and where they
-  evaluate log1p by its series, ``torch.log1p``. Every constant of the twin (clamps, scaling thresholds)
-  holds in fp64 as well. xIELU's negative side is summed in fp64, as in the kernels (its two terms cancel
-  where it crosses 0).
+  exponentials by 2^64 in the tails, same limits at +-inf; see that module's docstring), for the elements
+  outside ``FAST_RANGE`` (tails, NaN, inf, huge values), and for every element when a backward must itself be
+  differentiable (grad mode on and an input requiring grad: double backward) and the fast op has no derivative
+  (``aten.silu_backward``, ``aten.mish_backward``, the tanh form's in-place ops). Where the kernels evaluate
+  erfc with their own fit of erfcx (Triton's interpreter has no libdevice), the twin calls
+  ``torch.special.erfc`` (within an fp32 ULP above the tail, and ~20x cheaper than PyTorch's erfcx) and, in
+  the tail, ``torch.special.erfcx`` times the scaled gaussian, accurate in fp64 too, and where they evaluate
+  log1p by its series, ``torch.log1p``. Every constant of the twin (clamps, scaling thresholds) holds in fp64
+  as well. xIELU's negative side is summed in fp64, as in the kernels (its two terms cancel where it crosses
+  0).
 
 The ELU family's gradient at a NaN input is NaN (PyTorch's ``elu_backward`` gives NaN on its vectorized
 CPU path and ``grad * scale`` on its scalar and CUDA paths). The tests hold both paths, and the kernels,
@@ -76,8 +77,10 @@ TAME_LIMIT = 1e12
 FAST_RANGE: dict[tuple[str, str], tuple[float, float]] = {
     ("gelu", "forward"): (-1.5, TAME_LIMIT),  # 1 + erf cancels below
     ("gelu", "backward"): (0.0, TAME_LIMIT),  # aten.gelu_backward is 8 fp32 ULPs off already at -0.4
-    ("gelu_tanh", "forward"): (-2.0, TAME_LIMIT),  # 1 + tanh cancels below
-    ("gelu_tanh", "backward"): (-2.0, 4.5),  # and 1 - tanh^2 above
+    # the tanh form from PyTorch's sigmoid, not its gelu (whose 1 + tanh cancels below z = -2, its backward's
+    # 1 - tanh^2 above 4.5, and whose tanh costs 3.5 sigmoids): accurate while the logit x >= -80
+    ("gelu_tanh", "forward"): (-9.6, TAME_LIMIT),
+    ("gelu_tanh", "backward"): (-9.6, TAME_LIMIT),
     ("swish", "forward"): (-80.0, TAME_LIMIT),  # 1 / (1 + exp(-x)) underflows below -88
     ("swish", "backward"): (-80.0, 7.0),  # and 1 - sigmoid cancels above
     ("sigmoid", "forward"): (-80.0, math.inf),
@@ -129,16 +132,12 @@ def _elu(z: Tensor, alpha: float, scale: float, input_scale: float) -> Tensor:
 
 # (activation, direction) -> [low, high] where a formula of PyTorch ops of its own (``middle``, below) is
 # accurate: gelu's z erfc(-z / sqrt 2) / 2 and derivative erfc(-z / sqrt 2) / 2 + z exp(-z^2 / 2) / sqrt(2 pi),
-# from PyTorch's erfc (within an fp32 ULP until it leaves the normal range below z = -13); the tanh form's
-# z s(x) and derivative s(x) + z x' s(x) s(-x), x = z (a + b z^2) its logit, from PyTorch's sigmoid (accurate
-# while x >= -80, FAST_RANGE's sigmoid: z >= -9.6). A few ops, where the careful twin takes ~25: used on
-# a whole piece whose elements all lie in this range but not all in FAST_RANGE (gelu's backward's fast
-# range is z >= 0: half of every ordinary tensor).
+# from PyTorch's erfc (within an fp32 ULP until it leaves the normal range below z = -13). A few ops, where
+# the careful twin takes ~25: used on a whole piece whose elements all lie in this range but not all in
+# FAST_RANGE (gelu's backward's fast range is z >= 0: half of every ordinary tensor).
 MIDDLE_RANGE: dict[tuple[str, str], tuple[float, float]] = {
     ("gelu", "forward"): (_GELU_TAIL, TAME_LIMIT),
     ("gelu", "backward"): (_GELU_TAIL, TAME_LIMIT),
-    ("gelu_tanh", "forward"): (-9.6, TAME_LIMIT),
-    ("gelu_tanh", "backward"): (-9.6, TAME_LIMIT),
 }
 
 
@@ -153,12 +152,6 @@ FAST_RANGE_ROUNDED: dict[tuple[str, str, torch.dtype], tuple[float, float]] = {
     ("gelu", "forward", torch.float16): (-3.0, TAME_LIMIT),
     ("gelu", "backward", torch.bfloat16): (-4.0, TAME_LIMIT),
     ("gelu", "backward", torch.float16): (-4.0, TAME_LIMIT),
-    # the tanh form's (no window: its backward's terms cancel to within 0.63 bf16 and 0.90 fp16 ULPs at
-    # their zero); worst inside 0.62 / 0.64 ULP in bf16, 0.61 / 0.90 in fp16
-    ("gelu_tanh", "forward", torch.bfloat16): (-4.0, TAME_LIMIT),
-    ("gelu_tanh", "forward", torch.float16): (-3.5, TAME_LIMIT),
-    ("gelu_tanh", "backward", torch.bfloat16): (-4.0, TAME_LIMIT),
-    ("gelu_tanh", "backward", torch.float16): (-3.5, TAME_LIMIT),
     # silu' = s (1 + z (1 - s)): fp32's 1 - s cancels above 7, by less than 1e-6 absolute (0.52 ULP)
     ("swish", "backward", torch.bfloat16): (-80.0, TAME_LIMIT),
     ("swish", "backward", torch.float16): (-80.0, TAME_LIMIT),
@@ -182,15 +175,23 @@ def _gelu_erfc_backward(grad: Tensor, z: Tensor) -> Tensor:
 
 
 def _gelu_tanh_sigmoid(z: Tensor) -> Tensor:
-    _, logit, _ = _gelu_tanh_logit(z)
-    return z * torch.sigmoid(logit)
+    """The tanh form z (1 + tanh(y)) / 2 = z s(x), x = 2y = z (a + b z^2) its logit and s the logistic
+    function, from PyTorch's sigmoid (FAST_RANGE). In place on its own temporaries (a CPU pass over an
+    allocated result costs ~2x one in place): no derivative, so a backward autograd records takes the careful
+    twin instead."""
+    logit = torch.mul(z, z).mul_(_GELU_TANH_B).add_(_GELU_TANH_A).mul_(z)
+    return logit.sigmoid_().mul_(z)
 
 
 def _gelu_tanh_sigmoid_backward(grad: Tensor, z: Tensor) -> Tensor:
-    # s(x) s(-x), not s (1 - s): 1 - s cancels where s nears 1
-    zc, logit, logit_derivative = _gelu_tanh_logit(z)
-    slope = torch.sigmoid(logit) * torch.sigmoid(-logit)
-    return (torch.sigmoid(logit) + (zc * logit_derivative) * slope) * grad
+    """grad (s(x) + z x' s(x) s(-x)), x' = a + 3 b z^2, in place as ``_gelu_tanh_sigmoid``: s(x) s(-x), not
+    s (1 - s), which cancels where s nears 1 (and no select on z's sign: torch.where costs 7 sigmoids)."""
+    squared = torch.mul(z, z)
+    logit = torch.mul(squared, _GELU_TANH_B).add_(_GELU_TANH_A).mul_(z)
+    z_logit_derivative = squared.mul_(_GELU_TANH_3B).add_(_GELU_TANH_A).mul_(z)
+    p = torch.sigmoid(logit)
+    slope = logit.neg_().sigmoid_().mul_(p)
+    return z_logit_derivative.mul_(slope).add_(p).mul_(grad)
 
 
 # Elements are checked in blocks of this many: a block's min and max take one vectorized pass (PyTorch's
@@ -337,10 +338,12 @@ def activation_forward(
     def accurate(key, fast, middle=None, x=z):
         return _fast_where_accurate(key, x, (z,), fast, careful, middle, rounding_to)
 
-    if activation in ("gelu", "gelu_tanh"):
-        approximate = "none" if activation == "gelu" else "tanh"
-        middle = _gelu_erfc if activation == "gelu" else _gelu_tanh_sigmoid
-        return accurate((activation, "forward"), lambda z: F.gelu(z, approximate=approximate), middle)
+    if activation == "gelu":
+        return accurate(("gelu", "forward"), F.gelu, _gelu_erfc)
+    if activation == "gelu_tanh":
+        if _needs_derivative(z):  # (a double backward: the fast formula works in place)
+            return careful(z)
+        return accurate(("gelu_tanh", "forward"), _gelu_tanh_sigmoid)
     if activation == "swish":  # the range is of x = beta z
         if param == 1.0:
             return accurate(("swish", "forward"), F.silu)
@@ -410,11 +413,12 @@ def activation_backward(
     def accurate(key, fast, middle=None, x=saved):
         return _fast_where_accurate(key, x, (grad, saved), fast, careful, middle, rounding_to)
 
-    if activation in ("gelu", "gelu_tanh"):
-        approximate = "none" if activation == "gelu" else "tanh"
-        fast = lambda grad, saved: torch.ops.aten.gelu_backward(grad, saved, approximate=approximate)  # noqa: E731
-        middle = _gelu_erfc_backward if activation == "gelu" else _gelu_tanh_sigmoid_backward
-        return accurate((activation, "backward"), fast, middle)
+    if activation == "gelu":
+        return accurate(("gelu", "backward"), torch.ops.aten.gelu_backward, _gelu_erfc_backward)
+    if activation == "gelu_tanh":
+        if _needs_derivative(grad, saved):  # (as the forward)
+            return careful(grad, saved)
+        return accurate(("gelu_tanh", "backward"), _gelu_tanh_sigmoid_backward)
     if activation == "swish":  # the range is of x = beta z
         x = saved if param == 1.0 else param * saved
         if param == 1.0 and not _needs_derivative(grad, saved):  # aten.silu_backward has no derivative
