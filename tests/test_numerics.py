@@ -127,9 +127,11 @@ def run_case(function, params, x, device, gated=False):
     return y.detach().cpu(), x.grad.detach().cpu()
 
 
-def measure(function, params, dtype, device, stride, gated=False):
-    """Max ULP error of the forward and the backward, and the worst element of each against its tolerance."""
+def measure(function, params, dtype, device, stride, gated=False, keep=None):
+    """Max ULP error of the forward and the backward, and the worst element of each against its tolerance
+    (over the inputs ``keep`` keeps, if given)."""
     x = inputs_for(dtype, stride)
+    x = x if keep is None else x[keep(x)]
     y, grad = run_case(function, params, x, device, gated)
     z = x.to(torch.float64)
     params = held_params(function, params, dtype)
@@ -247,6 +249,30 @@ def test_whole_range_float64(case):
 
 
 _ELU_CASES = [c for c in SINGLE_CASES if c[1] in ("elu", "selu", "celu")]
+# The fallback runs PyTorch's own hardswish forward and hardtanh, hardsigmoid (fp32) and ELU backward only where
+# a tensor holds no NaN (hardswish: no -inf, nothing past finfo.max / 6, where its z * 6 overflows), and its
+# selects elsewhere: the edge tests hold NaN, test_whole_range holds every finite value (so its hardswish
+# takes the select), and this test none of those, so each takes PyTorch's op.
+_SELECT_FREE = ("hardswish", "hardtanh", "hardsigmoid", "elu", "selu", "celu")
+_SELECT_FREE_CASES = [c for c in SINGLE_CASES if c[1] in _SELECT_FREE]
+
+
+@pytest.mark.parametrize("case", _SELECT_FREE_CASES, ids=[c[0] for c in _SELECT_FREE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_whole_range_without_nan_or_huge_values(case, dtype):
+    label, function, params = case
+    stride = 4 if dtype == torch.float64 else STRIDE["torch"]
+    within, answers = _fallback._within, []
+
+    def spy(*args):
+        answers.append(within(*args))
+        return answers[-1]
+
+    with backend("torch"), mock.patch.object(_fallback, "_within", spy):
+        results = measure(function, params, dtype, "cpu", stride, keep=lambda x: x.abs() <= 1e30)
+    if not (function == "hardsigmoid" and dtype == torch.float64):  # (the select: PyTorch's fp64 op is fp32's)
+        assert any(answers), f"PyTorch's op not taken: {answers}"
+    check(results, f"fallback {label} {dtype} (no NaN, |z| <= 1e30)")
 
 
 @pytest.mark.parametrize("case", _ELU_CASES, ids=[c[0] for c in _ELU_CASES])
