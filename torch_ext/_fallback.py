@@ -9,19 +9,20 @@ cache, so only the inputs' reads and the outputs' writes reach memory). Two path
   the range), for the elements inside the range where that op meets fusedact's accuracy (``FAST_RANGE``:
   bf16/fp16 within 1 ULP and fp32 within a few ULPs of the exact value). relu, leaky_relu, prelu, tanh, the
   ELU family's forward, hardtanh, hardsigmoid and heaviside always take it: their PyTorch ops are accurate
-  over the whole range and have exactly the kernels' semantics (hardtanh's, hardswish's and hardsigmoid's
-  backward are written as the kernels' selects: PyTorch's CPU kernels treat a NaN input one way when
-  vectorized and another way element by element; on PyTorch 2.5, whose ELU computes ``exp(z) - 1``, the ELU
-  family's forward is written with ``expm1``). Outside those ranges PyTorch's fp32 ops cancel (``1 + erf``
-  below z = -1.8, ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or overflow (``1 / (1 + exp(-x))`` below
-  -88), and give NaN at +-inf where the function has a limit. Where the result is rounded to bf16 or fp16 the
-  fast ops cover more (``FAST_RANGE_ROUNDED``: F.gelu down to z = -3.6 in bf16, except a window around the
-  zero of gelu' for its backward, ``FAST_EXCLUDED``). One min/max pass over a piece decides: every element
-  inside, the fast op alone; else blocks of ``CHECK_BLOCK`` elements are checked, and where few hold an
-  element outside, the fast op runs on everything and those blocks alone are gathered, recomputed and
-  scattered back; else every element in ``MIDDLE_RANGE`` (gelu: its erfc formulas, accurate down to z = -12.8)
-  takes those few ops; otherwise both paths run on every element and a select picks (a boolean gather and
-  scatter of single elements costs more than the careful formula itself).
+  over the whole range and have exactly the kernels' semantics (hardswish's backward is written as the
+  kernels' select, and so are hardtanh's, hardsigmoid's and the ELU family's backward for a tensor that holds
+  a NaN: PyTorch's CPU kernels treat a NaN input one way when vectorized and another way element by element;
+  hardswish's forward is PyTorch's unless a tensor holds -inf or a value past finfo.max / 6; on PyTorch 2.5,
+  whose ELU computes ``exp(z) - 1``, the ELU family's forward is written with ``expm1``). Outside those ranges
+  PyTorch's fp32 ops cancel (``1 + erf`` below z = -1.8, ``1 + tanh`` below -2.3, ``1 - sigmoid`` past 7) or
+  overflow (``1 / (1 + exp(-x))`` below -88), and give NaN at +-inf where the function has a limit. Where the
+  result is rounded to bf16 or fp16 the fast ops cover more (``FAST_RANGE_ROUNDED``: F.gelu down to z = -3.6
+  in bf16, except a window around the zero of gelu' for its backward, ``FAST_EXCLUDED``). One min/max pass
+  over a piece decides: every element inside, the fast op alone; else blocks of ``CHECK_BLOCK`` elements are
+  checked, and where few hold an element outside, the fast op runs on everything and those blocks alone are
+  gathered, recomputed and scattered back; else every element in ``MIDDLE_RANGE`` (gelu: its erfc formulas,
+  accurate down to z = -12.8) takes those few ops; otherwise both paths run on every element and a select
+  picks (a boolean gather and scatter of single elements costs more than the careful formula itself).
 - Careful path: the twin of ``kernels/activations.py``, line for line (same formulas, same scaling of
   exponentials by 2^64 in the tails, same limits at +-inf; see that module's docstring), for the elements
   outside ``FAST_RANGE`` (tails, NaN, inf, huge values), and for every element when a backward must itself be
@@ -78,7 +79,7 @@ FAST_RANGE: dict[tuple[str, str], tuple[float, float]] = {
     ("gelu", "forward"): (-1.5, TAME_LIMIT),  # 1 + erf cancels below
     ("gelu", "backward"): (0.0, TAME_LIMIT),  # aten.gelu_backward is 8 fp32 ULPs off already at -0.4
     # the tanh form from PyTorch's sigmoid, not its gelu (whose 1 + tanh cancels below z = -2, its backward's
-    # 1 - tanh^2 above 4.5, and whose tanh costs 3.5 sigmoids): accurate while the logit x >= -80
+    # 1 - tanh^2 above 4.5, and which costs 3.5 sigmoids): accurate while the logit x >= -80
     ("gelu_tanh", "forward"): (-9.6, TAME_LIMIT),
     ("gelu_tanh", "backward"): (-9.6, TAME_LIMIT),
     ("swish", "forward"): (-80.0, TAME_LIMIT),  # 1 / (1 + exp(-x)) underflows below -88
@@ -176,9 +177,9 @@ def _gelu_erfc_backward(grad: Tensor, z: Tensor) -> Tensor:
 
 def _gelu_tanh_sigmoid(z: Tensor) -> Tensor:
     """The tanh form z (1 + tanh(y)) / 2 = z s(x), x = 2y = z (a + b z^2) its logit and s the logistic
-    function, from PyTorch's sigmoid (FAST_RANGE). In place on its own temporaries (a CPU pass over an
-    allocated result costs ~2x one in place): no derivative, so a backward autograd records takes the careful
-    twin instead."""
+    function, from PyTorch's sigmoid (FAST_RANGE). In place on its own temporaries (188 us a piece of 2^18
+    fp32 elements, 338 with each result allocated): no derivative, so a backward autograd records takes the
+    careful twin instead."""
     logit = torch.mul(z, z).mul_(_GELU_TANH_B).add_(_GELU_TANH_A).mul_(z)
     return logit.sigmoid_().mul_(z)
 
