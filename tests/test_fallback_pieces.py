@@ -268,3 +268,56 @@ def test_batched_rows(dtype, small_pieces):
     )
     _assert_same(piece_grads[1], whole_grads[1])
     assert piece_grads[0].shape == x.shape
+
+
+def _smaps_field(address: int, field: str) -> int | None:
+    """``field`` (e.g. THPeligible) of the mapping of this process that holds ``address``, None where the
+    kernel does not list it."""
+    import re
+
+    holds = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            bounds = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+            if bounds:
+                holds = int(bounds[1], 16) <= address < int(bounds[2], 16)
+            elif holds and line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _thp_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
+            return setting.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="no transparent huge pages (not Linux, or THP off)")
+def test_large_outputs_ask_for_huge_pages():
+    """A piecewise output of 16 MiB lies, past its first 2 MiB boundary, in a mapping eligible for transparent
+    huge pages (its first touch faults 2 MiB at a time), where a plain tensor's does not unless the kernel
+    gives them to every mapping; its values are relu's. A small output asks nothing; what is asked for is
+    whole 2 MiB pages inside the output's own memory."""
+    x = torch.randn(1024, 4096)
+    y = _fallback.bias_act(x, None, None, None, "relu", 0.0, 0.0, -1)
+    middle = y.data_ptr() + y.nbytes // 2
+    eligible = _smaps_field(middle, "THPeligible")
+    if eligible is None:
+        pytest.skip("this kernel's smaps has no THPeligible")
+    assert eligible == 1
+    torch.testing.assert_close(y, torch.relu(x), rtol=0, atol=0)
+    plain = torch.empty(1 << 24)  # (64 MiB: above glibc's largest mmap threshold, a fresh mapping)
+    if _thp_mode() == "madvise":
+        assert _smaps_field(plain.data_ptr() + plain.nbytes // 2, "THPeligible") == 0
+    called = []
+    original = _fallback._madvise
+    try:
+        _fallback._madvise = lambda *args: called.append(args) or 0
+        small = _fallback._huge_page_empty_like(torch.empty(1 << 19, dtype=torch.bfloat16))  # 1 MiB
+        assert small.shape == (1 << 19,) and not called
+        _fallback._huge_page_empty_like(x)
+        assert called and called[0][1] % (2 << 20) == 0 and called[0][0] % (2 << 20) == 0
+    finally:
+        _fallback._madvise = original
