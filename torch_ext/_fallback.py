@@ -173,8 +173,11 @@ def _gelu_erfc(z: Tensor) -> Tensor:  # (no in-place ops: a double backward diff
 
 
 def _gelu_erfc_backward(grad: Tensor, z: Tensor) -> Tensor:
-    density = torch.exp((z * z) * -0.5) * (_INV_SQRT_2PI * z)
-    return (0.5 * torch.special.erfc(z * -_SQRT_HALF) + density) * grad
+    """grad (erfc(-z / sqrt 2) + 2 z exp(-z^2 / 2) / sqrt(2 pi)) / 2, in six passes (addcmul folds a
+    multiply into the add and the final halving into the product with grad: each pass ~25 us a piece)."""
+    gaussian = torch.exp((z * z) * -0.5)
+    twice = torch.addcmul(torch.special.erfc(z * -_SQRT_HALF), gaussian, z, value=2.0 * _INV_SQRT_2PI)
+    return torch.addcmul(z.new_zeros(()), twice, grad, value=0.5)
 
 
 def _gelu_tanh_sigmoid(z: Tensor) -> Tensor:
