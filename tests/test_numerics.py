@@ -310,6 +310,43 @@ def test_gated_whole_range(case, dtype, name):
     check(results, f"{name} {label} gate {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gated_tanh_form_from_one_sigmoid(dtype):
+    """Where every gate lies in the tanh form's fast range, the fallback's gated backward takes the value
+    (up's gradient) and the derivative (the gate's) from one logit and sigmoid: both held to the float64
+    references, with up = 2 and grad_y = 1, over that range (every bf16/fp16 value, a dense fp32 grid);
+    the spy makes sure that path ran."""
+    low, high = _fallback.FAST_RANGE[("gelu_tanh", "backward")]
+    assert _fallback.FAST_RANGE[("gelu_tanh", "forward")] == (low, high)
+    x = inputs_for(dtype, STRIDE["torch"])
+    x = x[(x.double() >= low) & (x.double() <= high)]
+    calls = []
+    slope = _fallback._gelu_tanh_sigmoid_slope
+
+    def spy(z):
+        calls.append(z.numel())
+        return slope(z)
+
+    gate, up = x.clone().requires_grad_(), torch.full_like(x, 2.0).requires_grad_()
+    with backend("torch"), mock.patch.object(_fallback, "_gelu_tanh_sigmoid_slope", spy):
+        y = fusedact.gated(gate, up, activation="gelu", approximate="tanh")
+        y.backward(torch.ones_like(y))
+    assert sum(calls) == x.numel(), calls
+    z = x.double()
+    params = {"approximate": "tanh"}
+    value, derivative = exact_activation(z, "gelu", params)
+    for what, actual, reference, is_derivative in (
+        ("up's gradient", up.grad, value, False),
+        ("the gate's gradient", gate.grad.double() / 2.0, derivative, True),  # (/ 2 in fp64: exact)
+    ):
+        error = ulp_error(actual, reference, dtype)
+        allowed = allowed_ulps(z, "gelu", params, dtype, is_derivative)
+        worst = int((error / allowed).argmax())
+        assert bool((error <= allowed).all()), (
+            f"{what} at z = {z[worst].item()!r}: {error[worst].item():.3g} ULP, allowed {allowed[worst].item():.3g}"
+        )
+
+
 # Edge values: limits at +-inf, NaN, huge finite inputs, the tails' zeros (signed), in every dtype. A NaN and
 # a huge value in the same tensor send the fallback's whole tensor through its careful path (defect: fp64
 # tanh GELU gave -1.69e38 at -1e300, -inf at -inf and -5e-261 at -30 there).
