@@ -2,7 +2,8 @@
 
 Evaluated in fp32 (fp64 for fp64 tensors) with one rounding to the output dtype at the end, like the
 kernels, in cache-sized pieces of large tensors (``CHUNK_ELEMENTS``: the fp32 temporaries stay in the L2
-cache, so only the inputs' reads and the outputs' writes reach memory). Two paths, and a third for gelu:
+cache, so only the inputs' reads and the outputs' writes reach memory; those outputs ask for transparent huge
+pages, ``_huge_page_empty_like``). Two paths, and a third for gelu:
 
 - Fast path: PyTorch's own fused ops (``F.gelu``, ``aten.gelu_backward``, ``F.silu``...; for the tanh form of
   GELU, a few in-place ops around ``torch.sigmoid``, twice as fast as its ``F.gelu`` and accurate over more of
