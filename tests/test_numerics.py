@@ -327,11 +327,19 @@ def test_gated_tanh_form_from_one_sigmoid(dtype):
         calls.append(z.numel())
         return slope(z)
 
+    separate = _fallback._gelu_tanh_sigmoid_backward
+
+    def separate_spy(grad, z):  # (the single activation's backward, which the gated one skips here)
+        calls.append("separate")
+        return separate(grad, z)
+
     gate, up = x.clone().requires_grad_(), torch.full_like(x, 2.0).requires_grad_()
-    with backend("torch"), mock.patch.object(_fallback, "_gelu_tanh_sigmoid_slope", spy):
+    with backend("torch"), contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(_fallback, "_gelu_tanh_sigmoid_slope", spy))
+        stack.enter_context(mock.patch.object(_fallback, "_gelu_tanh_sigmoid_backward", separate_spy))
         y = fusedact.gated(gate, up, activation="gelu", approximate="tanh")
         y.backward(torch.ones_like(y))
-    assert sum(calls) == x.numel(), calls
+    assert "separate" not in calls and sum(calls) == x.numel(), calls
     z = x.double()
     params = {"approximate": "tanh"}
     value, derivative = exact_activation(z, "gelu", params)
