@@ -11,30 +11,8 @@ Backends, each a parameter of the ``device`` fixture (which yields the device to
 """
 
 import os
-import sys
-from pathlib import Path
 
 import torch
-
-
-def _import_installed_kernels_package() -> None:
-    """Import Hugging Face's ``kernels`` package (the kernel hub, a dependency transformers imports when it is
-    installed: transformers 5.25 on 2026-12-03) from site-packages, before a test imports transformers.
-    ``python -m pytest`` puts the repository's root first on sys.path, where our ``kernels/`` directory
-    (installed as ``fusedact.kernels``) would shadow it: transformers' ``from kernels import CUDAProperties``
-    then fails, and every test that imports a Hugging Face model with it."""
-    root = Path(__file__).resolve().parent.parent
-    saved = sys.path[:]
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
-    try:
-        import kernels  # noqa: F401
-    except Exception:  # (not installed, or broken: transformers then finds no kernel hub either way)
-        sys.modules.pop("kernels", None)
-    finally:
-        sys.path[:] = saved
-
-
-_import_installed_kernels_package()
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

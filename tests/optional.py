@@ -8,6 +8,9 @@ import pytest
 def _transformers_models() -> bool:
     if importlib.util.find_spec("transformers") is None:
         return False
+    from fusedact import _hub_kernels
+
+    _hub_kernels.import_installed_kernels()  # (a worker process may import this before fusedact)
     import transformers
 
     return transformers.utils.is_torch_available()

@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
 
-from . import differences, functional, mlp, nn, ops
+from . import _hub_kernels, differences, functional, mlp, nn, ops
 from .functional import (
     bias_act,
     celu,
@@ -56,6 +56,8 @@ from .functional import (
 )
 from .ops import get_cpu_backend, set_cpu_backend
 from .patching import patch, unpatch
+
+_hub_kernels.import_installed_kernels()  # (before anything imports transformers: see that module)
 
 __version__ = "0.1.0"
 
