@@ -11,16 +11,15 @@ package is installed, or where nothing shadows it.
 """
 
 import importlib.metadata
-import importlib.util
 import sys
 from pathlib import Path
 
-_OURS = Path(__file__).resolve().parent.parent / "kernels"  # (a source checkout's kernels/, if this is one)
+_OURS = (Path(__file__).resolve().parent.parent / "kernels").resolve()  # (a source checkout's kernels/, if any)
 
 
 def _holds_ours(entry: str) -> bool:
     try:
-        return (Path(entry or ".").resolve() / "kernels") == _OURS.resolve()
+        return (Path(entry or ".").resolve() / "kernels") == _OURS
     except OSError:
         return False
 
