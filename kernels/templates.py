@@ -14,7 +14,10 @@ of addressing it, chosen by the host per call (``FLAT``):
   tensor are read in place. ``VECTOR`` is the widest run of elements (up to 16 bytes) that the column count
   and every row stride of the call are multiples of (the host computes it): rewriting each as
   ``n // VECTOR * VECTOR`` tells the compiler so, and the accesses are ``VECTOR`` elements wide. (Triton
-  itself only marks integers divisible by 16: at 760 columns it would fall back to 2-byte accesses.)
+  itself only marks integers divisible by 16: at 760 columns it would fall back to 2-byte accesses.) Nor
+  does it mark a pointer that is not 16-byte aligned, such as the up half of a packed ``[..., 2N]`` whose
+  ``N`` is not a multiple of 16 bytes: the gated kernels take up (and its gradient) as an aligned pointer
+  plus an element offset that is a multiple of ``VECTOR`` (the host's ``aligned_start``).
 
 The single-input template also takes its bias (and the activation's learned parameters, per channel or
 one shared by all: PReLU's slope, xIELU's alpha_p and alpha_n) along the rows instead of the columns: a
@@ -452,6 +455,7 @@ def gated_fwd_kernel(
     stride_gate_col,
     stride_up_row,
     stride_up_col,
+    up_offset,  # (rows) up's first element is up_ptr + up_offset, a multiple of VECTOR (see aligned_start)
     param,
     param2,
     gate_scale,  # s (used where SCALED_GATE)
@@ -495,6 +499,7 @@ def gated_fwd_kernel(
         num_cols = num_cols // VECTOR * VECTOR
         stride_gate_row = stride_gate_row // VECTOR * VECTOR
         stride_up_row = stride_up_row // VECTOR * VECTOR
+        up_ptr += up_offset // VECTOR * VECTOR
         pid_m, _, cols = _tile(pid, num_cols, BLOCK_N)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         col_mask = cols < num_cols
@@ -566,6 +571,8 @@ def gated_bwd_kernel(
     stride_up_col,
     stride_grad_row,
     stride_partial_row,
+    up_offset,  # (rows) up's first element is up_ptr + up_offset, a multiple of VECTOR (see aligned_start)
+    grad_up_offset,  # (rows) likewise for grad_up
     tiles_per_program,  # (rows) tiles down the rows
     param,
     param2,
@@ -623,6 +630,8 @@ def gated_bwd_kernel(
         stride_gate_row = stride_gate_row // VECTOR * VECTOR
         stride_up_row = stride_up_row // VECTOR * VECTOR
         stride_grad_row = stride_grad_row // VECTOR * VECTOR
+        up_ptr += up_offset // VECTOR * VECTOR
+        grad_up_ptr += grad_up_offset // VECTOR * VECTOR
         row_group, _, cols = _tile(pid, num_cols, BLOCK_N)
         col_mask = cols < num_cols
         gate_bias = _load_channel(gate_bias_ptr, cols, col_mask, 1, HAS_GATE_BIAS)[None, :]

@@ -191,6 +191,20 @@ def _row_vector(element_size: int, num_cols: int, *matrices: Tensor) -> int:
     return vector_width(element_size, num_cols, *(m.stride(0) for m in matrices))
 
 
+def aligned_start(t: Tensor, vector: int) -> tuple[Tensor, int]:
+    """``(view, offset)``: ``view`` the same elements as ``t`` but starting ``offset`` elements earlier in its
+    storage, at a 16-byte aligned address, where ``t``'s own address is a multiple of ``vector`` elements
+    but not of 16 bytes; else ``(t, 0)``. Triton marks only 16-byte aligned pointers, so a row-addressed
+    kernel adding ``offset // VECTOR * VECTOR`` to the view's pointer keeps ``vector``-wide accesses (the
+    up half of a packed [gate | up] of 4100 bf16 columns: 8-byte loads, not 2-byte ones). The view reaches
+    back no further than ``t``'s storage; the kernel reads nothing before ``t``'s first element."""
+    misaligned = t.data_ptr() % 16
+    shift = misaligned // t.element_size()
+    if not misaligned or misaligned % (vector * t.element_size()) or t.storage_offset() < shift:
+        return t, 0
+    return t.as_strided(t.shape, t.stride(), t.storage_offset() - shift), shift
+
+
 def _flat_grid(num_elements: int) -> tuple[int]:
     return (triton.cdiv(num_elements, FLAT_BLOCK[0] * FLAT_BLOCK[1]),)
 
@@ -372,10 +386,11 @@ def gated(
         block_m, block_n = block_shape(num_cols)
         grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
         vector = _row_vector(gate.element_size(), num_cols, gate2, up2)
+    up2, up_offset = (up2, 0) if flat else aligned_start(up2, vector)
     launch(
         gated_fwd_kernel, grid, gate.device,
         gate2, up2, vector_argument(gate_bias), vector_argument(up_bias), y, num_rows, num_cols,
-        gate2.stride(0), gate2.stride(1), up2.stride(0), up2.stride(1), param, param2, gate_scale,
+        gate2.stride(0), gate2.stride(1), up2.stride(0), up2.stride(1), up_offset, param, param2, gate_scale,
         ACTIVATION=_activation_id(activation), SCALED_GATE=gate_scale != 1.0, FLAT=flat, VECTOR=vector,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
@@ -412,6 +427,8 @@ def gated_backward_into(
             num_rows, num_cols, compute_grad_bias, False, gate.device
         )
         vector = _row_vector(gate.element_size(), num_cols, grad_y2, gate2, up2, grad_gate)
+    up2, up_offset = (up2, 0) if flat else aligned_start(up2, vector)
+    grad_up, grad_up_offset = (grad_up, 0) if flat else aligned_start(grad_up, vector)
     partial = partial_gate = partial_up = None
     if compute_grad_bias:  # one buffer: the gate and up sums of a row group side by side
         partial = torch.empty((groups, 2, num_cols), dtype=torch.float32, device=gate.device)
@@ -421,7 +438,8 @@ def gated_backward_into(
         grad_y2, gate2, up2, vector_argument(gate_bias), vector_argument(up_bias), grad_gate, grad_up,
         None if output is None else as_matrix(output), partial_gate, partial_up,
         num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), gate2.stride(0), gate2.stride(1),
-        up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols, tiles_per_program, param, param2, gate_scale,
+        up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols, up_offset, grad_up_offset, tiles_per_program,
+        param, param2, gate_scale,
         ACTIVATION=_activation_id(activation), SCALED_GATE=gate_scale != 1.0, COMPUTE_GRAD_BIAS=compute_grad_bias,
         FLAT=flat, VECTOR=vector, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
