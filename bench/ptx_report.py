@@ -114,6 +114,13 @@ def _act_fwd_strided(activation, dtype, width, rows):
     _bias_act(x, bias, activation)
 
 
+def _act_fwd_sliced(activation, dtype, width, rows):
+    """x a column slice from the fifth column: its rows start 4 elements past a 16-byte boundary (8 bytes
+    in bf16), so the widest access its alignment allows is 4 elements."""
+    x, bias = _empty(rows, width + 8, dtype=dtype)[:, 4 : 4 + width], _empty(width, dtype=dtype)
+    _bias_act(x, bias, activation)
+
+
 def _act_fwd_offset(activation, dtype, width, rows):
     """x contiguous but one element into its storage: its pointer is not 16-byte aligned."""
     x, bias = _empty(rows * width + 1, dtype=dtype)[1:].view(rows, width), _empty(width, dtype=dtype)
@@ -174,6 +181,7 @@ def _softmax_bwd(activation, dtype, width, rows):
 CASES: dict[str, tuple[Callable, tuple[str, ...], str]] = {
     "act-fwd": (_act_fwd, ("gelu", "gelu_tanh", "swish", "relu"), "x [rows, width] + bias, contiguous"),
     "act-fwd-strided": (_act_fwd_strided, ("gelu",), "x a column slice of [rows, width + 8]"),
+    "act-fwd-sliced": (_act_fwd_sliced, ("gelu",), "x a column slice of [rows, width + 8] from column 4"),
     "act-fwd-offset": (_act_fwd_offset, ("gelu",), "x contiguous from the second element of its storage"),
     "act-bwd": (_act_bwd, ("gelu", "gelu_tanh", "swish", "relu"), "backward, no bias gradient"),
     "act-bwd-bias": (

@@ -16,8 +16,9 @@ of addressing it, chosen by the host per call (``FLAT``):
   ``n // VECTOR * VECTOR`` tells the compiler so, and the accesses are ``VECTOR`` elements wide. (Triton
   itself only marks integers divisible by 16: at 760 columns it would fall back to 2-byte accesses.) Nor
   does it mark a pointer that is not 16-byte aligned, such as the up half of a packed ``[..., 2N]`` whose
-  ``N`` is not a multiple of 16 bytes: the gated kernels take up (and its gradient) as an aligned pointer
-  plus an element offset that is a multiple of ``VECTOR`` (the host's ``aligned_start``).
+  ``N`` is not a multiple of 16 bytes, or a column slice: the kernels take each input addressed by rows
+  as an aligned pointer plus an element offset that is a multiple of ``VECTOR`` (the host's
+  ``aligned_start``; the outputs are allocated, so aligned).
 
 The single-input template also takes its bias (and the activation's learned parameters, per channel or
 one shared by all: PReLU's slope, xIELU's alpha_p and alpha_n) along the rows instead of the columns: a
@@ -161,6 +162,7 @@ def bias_act_fwd_kernel(
     num_cols,  # N
     stride_x_row,
     stride_x_col,
+    x_offset,  # (rows) x's first element is x_ptr + x_offset, a multiple of VECTOR (see aligned_start)
     num_channels,  # length of bias (and weight) when CHANNELS_ALONG_ROWS
     stride_weight,  # 1, or 0 for parameters shared by every channel (weight and weight2 alike)
     param,  # the activation's float parameters (leaky slope, swish beta, hardtanh's min and max, ...)
@@ -197,6 +199,7 @@ def bias_act_fwd_kernel(
     else:
         num_cols = num_cols // VECTOR * VECTOR
         stride_x_row = stride_x_row // VECTOR * VECTOR
+        x_ptr += x_offset // VECTOR * VECTOR
         pid_m, _, cols = _tile(pid, num_cols, BLOCK_N)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < num_rows
@@ -266,6 +269,8 @@ def bias_act_bwd_kernel(
     stride_grad_y_col,
     stride_saved_row,
     stride_saved_col,
+    grad_y_offset,  # (rows) grad_y's first element is grad_y_ptr + grad_y_offset, a multiple of VECTOR
+    saved_offset,  # (rows) likewise for saved
     num_channels,
     stride_weight,
     tiles_per_program,  # (rows) tiles down the rows (bias per column) or along them (bias per row)
@@ -322,6 +327,8 @@ def bias_act_bwd_kernel(
         num_cols = num_cols // VECTOR * VECTOR
         stride_grad_y_row = stride_grad_y_row // VECTOR * VECTOR
         stride_saved_row = stride_saved_row // VECTOR * VECTOR
+        grad_y_ptr += grad_y_offset // VECTOR * VECTOR
+        saved_ptr += saved_offset // VECTOR * VECTOR
         # A program owns `tiles_per_program` tiles in a line along the dimension its channels are summed
         # over (down the rows for a bias per column, along the row for a bias per row), so its bias and
         # weights are vectors, loaded once, and its parameter gradients tiles, reduced once at the end.
@@ -455,7 +462,8 @@ def gated_fwd_kernel(
     stride_gate_col,
     stride_up_row,
     stride_up_col,
-    up_offset,  # (rows) up's first element is up_ptr + up_offset, a multiple of VECTOR (see aligned_start)
+    gate_offset,  # (rows) gate's first element is gate_ptr + gate_offset, a multiple of VECTOR (aligned_start)
+    up_offset,  # (rows) likewise for up
     param,
     param2,
     gate_scale,  # s (used where SCALED_GATE)
@@ -499,6 +507,7 @@ def gated_fwd_kernel(
         num_cols = num_cols // VECTOR * VECTOR
         stride_gate_row = stride_gate_row // VECTOR * VECTOR
         stride_up_row = stride_up_row // VECTOR * VECTOR
+        gate_ptr += gate_offset // VECTOR * VECTOR
         up_ptr += up_offset // VECTOR * VECTOR
         pid_m, _, cols = _tile(pid, num_cols, BLOCK_N)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -571,7 +580,9 @@ def gated_bwd_kernel(
     stride_up_col,
     stride_grad_row,
     stride_partial_row,
-    up_offset,  # (rows) up's first element is up_ptr + up_offset, a multiple of VECTOR (see aligned_start)
+    grad_y_offset,  # (rows) grad_y's first element is grad_y_ptr + grad_y_offset, a multiple of VECTOR
+    gate_offset,  # (rows) likewise for gate
+    up_offset,  # (rows) likewise for up
     grad_up_offset,  # (rows) likewise for grad_up
     tiles_per_program,  # (rows) tiles down the rows
     param,
@@ -630,6 +641,8 @@ def gated_bwd_kernel(
         stride_gate_row = stride_gate_row // VECTOR * VECTOR
         stride_up_row = stride_up_row // VECTOR * VECTOR
         stride_grad_row = stride_grad_row // VECTOR * VECTOR
+        grad_y_ptr += grad_y_offset // VECTOR * VECTOR
+        gate_ptr += gate_offset // VECTOR * VECTOR
         up_ptr += up_offset // VECTOR * VECTOR
         grad_up_ptr += grad_up_offset // VECTOR * VECTOR
         row_group, _, cols = _tile(pid, num_cols, BLOCK_N)

@@ -23,7 +23,7 @@ from reference import (
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# (shape, layout): last dim 1, 7, 257, 4097; 1-D to 4-D; contiguous, sliced, transposed, permuted.
+# (shape, layout): last dim 1, 7, 24, 257, 4097; 1-D to 4-D; contiguous, sliced, transposed, permuted.
 SHAPES = [
     ((7,), "contiguous"),
     ((4097,), "sliced"),
@@ -34,6 +34,7 @@ SHAPES = [
     ((2, 5, 7), "permuted"),
     ((2, 2, 3, 257), "sliced"),
     ((3000, 33), "sliced"),  # many row blocks: each backward program loops over several, last group partial
+    ((6, 24), "sliced4"),  # rows 4 elements past an alignment: 4-element accesses (8 bytes in bf16)
 ]
 
 
@@ -47,6 +48,8 @@ def make_input(shape, layout, dtype, device, generator, scale=2.0):
         return randn(*shape)
     if layout == "sliced":  # a window of a wider last dimension: row stride > width, offset start
         return randn(*shape[:-1], shape[-1] + 5)[..., 2 : 2 + shape[-1]]
+    if layout == "sliced4":  # from the fifth column of a row 8 wider: an aligned stride, a start 4 elements in
+        return randn(*shape[:-1], shape[-1] + 8)[..., 4 : 4 + shape[-1]]
     if layout == "transposed":  # last dimension not contiguous
         return randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
     if layout == "permuted":  # leading dimensions no single row stride addresses: one copy
@@ -119,6 +122,7 @@ GATED_SHAPES = [
     ((2, 3, 4097), "sliced"),
     ((3000, 33), "contiguous"),
     ((5, 12), "contiguous"),  # packed bf16/fp16: the up half 8 bytes past an alignment (4-element accesses)
+    ((6, 24), "sliced4"),
 ]
 
 

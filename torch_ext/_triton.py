@@ -187,17 +187,22 @@ def as_matrix(t: Tensor) -> Tensor:
 
 
 def _row_vector(element_size: int, num_cols: int, *matrices: Tensor) -> int:
-    """``VECTOR`` for a row-addressed launch over ``matrices`` (see ``kernels.vector_width``)."""
-    return vector_width(element_size, num_cols, *(m.stride(0) for m in matrices))
+    """``VECTOR`` for a row-addressed launch over ``matrices`` (see ``kernels.vector_width``): the column
+    count, every row stride and every start's distance in elements from a 16-byte boundary (which
+    ``aligned_start`` hands the kernel) are multiples of it. (A start between two elements' bytes does
+    not count: no offset can align it, the compiler sees that pointer as unaligned.)"""
+    starts = ((m.data_ptr() % 16) // element_size for m in matrices)
+    return vector_width(element_size, num_cols, *(m.stride(0) for m in matrices), *starts)
 
 
 def aligned_start(t: Tensor, vector: int) -> tuple[Tensor, int]:
-    """``(view, offset)``: ``view`` the same elements as ``t`` but starting ``offset`` elements earlier in its
-    storage, at a 16-byte aligned address, where ``t``'s own address is a multiple of ``vector`` elements
-    but not of 16 bytes; else ``(t, 0)``. Triton marks only 16-byte aligned pointers, so a row-addressed
-    kernel adding ``offset // VECTOR * VECTOR`` to the view's pointer keeps ``vector``-wide accesses (the
-    up half of a packed [gate | up] of 4100 bf16 columns: 8-byte loads, not 2-byte ones). The view reaches
-    back no further than ``t``'s storage; the kernel reads nothing before ``t``'s first element."""
+    """``(view, offset)``: ``view`` shaped and strided as ``t`` but ``offset`` elements earlier in its
+    storage, at a 16-byte aligned address, where ``t`` starts a multiple of ``vector`` elements past one
+    (``_row_vector`` makes it so); else ``(t, 0)``. Triton marks only 16-byte aligned pointers, so a
+    row-addressed kernel adding ``offset // VECTOR * VECTOR`` to the view's pointer addresses ``t`` with
+    ``vector``-wide accesses (the up half of a packed [gate | up] of 4100 bf16 columns: 8-byte loads, not
+    2-byte ones). The view reaches back no further than ``t``'s storage, and the kernel reads nothing
+    before ``t``'s first element."""
     misaligned = t.data_ptr() % 16
     shift = misaligned // t.element_size()
     if not misaligned or misaligned % (vector * t.element_size()) or t.storage_offset() < shift:
@@ -271,10 +276,12 @@ def bias_act(
         block_m, block_n = block_shape(num_cols)
         grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
         vector = _row_vector(x.element_size(), num_cols, x2)
+    x2, x_offset = (x2, 0) if flat else aligned_start(x2, vector)
     launch(
         bias_act_fwd_kernel, grid, x.device,
         x2, vector_argument(bias), vector_argument(weight), vector_argument(weight2),
-        channel_matrix(y, dim, along_rows), num_rows, num_cols, x2.stride(0), x2.stride(1), _num_channels(x, dim),
+        channel_matrix(y, dim, along_rows), num_rows, num_cols, x2.stride(0), x2.stride(1), x_offset,
+        _num_channels(x, dim),
         _weight_stride(weight), param, param2,
         ACTIVATION=_activation_id(activation), CHANNELS_ALONG_ROWS=along_rows, FLAT=flat, VECTOR=vector,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
@@ -337,6 +344,8 @@ def bias_act_backward(
             num_rows, num_cols, reduce, along_rows, saved.device
         )
         vector = _row_vector(saved.element_size(), num_cols, grad_y2, saved2)
+    grad_y2, grad_y_offset = (grad_y2, 0) if flat else aligned_start(grad_y2, vector)
+    saved2, saved_offset = (saved2, 0) if flat else aligned_start(saved2, vector)
     # Partial sums: one row per group of rows (channels in columns) or of columns (channels in rows).
     partial_shape = (groups, num_rows if along_rows else num_cols)
 
@@ -351,7 +360,8 @@ def bias_act_backward(
         grad_y2, saved2, vector_argument(bias), vector_argument(weight), vector_argument(weight2),
         channel_matrix(grad_x, dim, along_rows), output2, partial_bias, partial_weight, partial_weight2,
         num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), saved2.stride(0), saved2.stride(1),
-        _num_channels(saved, dim), _weight_stride(weight), tiles_per_program, param, param2,
+        grad_y_offset, saved_offset, _num_channels(saved, dim), _weight_stride(weight), tiles_per_program,
+        param, param2,
         ACTIVATION=_activation_id(activation), CHANNELS_ALONG_ROWS=along_rows, SAVED_IS_OUTPUT=saved_is_output,
         COMPUTE_GRAD_BIAS=compute_grad_bias, COMPUTE_GRAD_WEIGHT=compute_grad_weight, FLAT=flat, VECTOR=vector,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
@@ -386,11 +396,12 @@ def gated(
         block_m, block_n = block_shape(num_cols)
         grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
         vector = _row_vector(gate.element_size(), num_cols, gate2, up2)
-    up2, up_offset = (up2, 0) if flat else aligned_start(up2, vector)
+    (gate2, gate_offset), (up2, up_offset) = ((t, 0) if flat else aligned_start(t, vector) for t in (gate2, up2))
     launch(
         gated_fwd_kernel, grid, gate.device,
         gate2, up2, vector_argument(gate_bias), vector_argument(up_bias), y, num_rows, num_cols,
-        gate2.stride(0), gate2.stride(1), up2.stride(0), up2.stride(1), up_offset, param, param2, gate_scale,
+        gate2.stride(0), gate2.stride(1), up2.stride(0), up2.stride(1), gate_offset, up_offset,
+        param, param2, gate_scale,
         ACTIVATION=_activation_id(activation), SCALED_GATE=gate_scale != 1.0, FLAT=flat, VECTOR=vector,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
     )  # fmt: skip
@@ -426,9 +437,10 @@ def gated_backward_into(
         block_m, block_n, groups, tiles_per_program, grid = _backward_grid(
             num_rows, num_cols, compute_grad_bias, False, gate.device
         )
-        vector = _row_vector(gate.element_size(), num_cols, grad_y2, gate2, up2, grad_gate)
-    up2, up_offset = (up2, 0) if flat else aligned_start(up2, vector)
-    grad_up, grad_up_offset = (grad_up, 0) if flat else aligned_start(grad_up, vector)
+        vector = _row_vector(gate.element_size(), num_cols, grad_y2, gate2, up2, grad_gate, grad_up)
+    (grad_y2, grad_y_offset), (gate2, gate_offset), (up2, up_offset), (grad_up, grad_up_offset) = (
+        (t, 0) if flat else aligned_start(t, vector) for t in (grad_y2, gate2, up2, grad_up)
+    )
     partial = partial_gate = partial_up = None
     if compute_grad_bias:  # one buffer: the gate and up sums of a row group side by side
         partial = torch.empty((groups, 2, num_cols), dtype=torch.float32, device=gate.device)
@@ -438,7 +450,8 @@ def gated_backward_into(
         grad_y2, gate2, up2, vector_argument(gate_bias), vector_argument(up_bias), grad_gate, grad_up,
         None if output is None else as_matrix(output), partial_gate, partial_up,
         num_rows, num_cols, grad_y2.stride(0), grad_y2.stride(1), gate2.stride(0), gate2.stride(1),
-        up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols, up_offset, grad_up_offset, tiles_per_program,
+        up2.stride(0), up2.stride(1), grad_gate.stride(0), 2 * num_cols,
+        grad_y_offset, gate_offset, up_offset, grad_up_offset, tiles_per_program,
         param, param2, gate_scale,
         ACTIVATION=_activation_id(activation), SCALED_GATE=gate_scale != 1.0, COMPUTE_GRAD_BIAS=compute_grad_bias,
         FLAT=flat, VECTOR=vector, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m, block_n),
