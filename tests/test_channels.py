@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedact
-from reference import assert_close, cancellation_floor, float64_reference, reference_activation, xielu_reference
+from reference import assert_close, cancellation_floor, float64_reference, reference_activation, ulp, xielu_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -134,28 +134,34 @@ def test_prelu(shape, layout, slopes, dtype, with_bias, device):
         assert_close(bias.grad, grad_bias_ref, channel_floor(grad_x_ref, 0.0, dim), "grad_bias")
 
 
-# (shape, layout, coefficients): xIELU's bias and coefficients run along the last dimension.
+# (shape, layout, alpha_p's and alpha_n's sizes): xIELU's bias and coefficients run along the last dimension.
 XIELU_CASES = [
-    ((7,), "contiguous", 1),
-    ((4, 9), "contiguous", 9),
-    ((4, 9), "contiguous", 1),
-    ((2, 6, 5), "transposed", 5),
-    ((1, 40, 13, 11), "sliced", 11),
-    ((1, 40, 13, 11), "sliced", 1),
+    ((7,), "contiguous", (1, 1)),
+    ((4, 9), "contiguous", (9, 9)),
+    ((4, 9), "contiguous", (1, 1)),
+    ((2, 6, 5), "transposed", (5, 5)),
+    ((1, 40, 13, 11), "sliced", (11, 11)),
+    ((1, 40, 13, 11), "sliced", (1, 1)),
+    ((1, 40, 13, 11), "sliced", (1, 11)),  # one shared, one per channel
+    ((40, 64), "contiguous", (64, 1)),
 ]
 
 
-@pytest.mark.parametrize("shape,layout,size", XIELU_CASES, ids=[f"{s}-{lay}-{n}" for s, lay, n in XIELU_CASES])
+@pytest.mark.parametrize("shape,layout,sizes", XIELU_CASES, ids=[f"{s}-{lay}-{n}" for s, lay, n in XIELU_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_xielu_coefficients(shape, layout, size, dtype, with_bias, device):
-    """xIELU's learned alpha_p and alpha_n, shared or one per channel (fp32 Parameters, as nn.XIELU's, for
-    any x), against float64 autograd through transformers' formula: output and the gradients of x, the
-    bias and both coefficients (summed over rows in fp32, rounded once)."""
+@pytest.mark.parametrize("coefficient_dtype", [torch.float32, None], ids=["fp32-coefficients", "x-dtype-coefficients"])
+def test_xielu_coefficients(shape, layout, sizes, dtype, with_bias, coefficient_dtype, device):
+    """xIELU's learned alpha_p and alpha_n, shared or one per channel (fp32 Parameters, as nn.XIELU's, or
+    in x's dtype), against float64 autograd through transformers' formula: output and the gradients of x,
+    the bias and both coefficients (summed over rows in fp32, rounded once)."""
     generator = torch.Generator().manual_seed(2)
     x = make_layout(shape, layout, dtype, device, generator).requires_grad_()
-    alpha_p = (0.3 + torch.rand(size, generator=generator)).to(device).requires_grad_()
-    alpha_n = (0.6 + torch.rand(size, generator=generator)).to(device).requires_grad_()
+    coefficient_dtype = coefficient_dtype or dtype
+    alpha_p, alpha_n = (
+        (low + torch.rand(size, generator=generator)).to(device, coefficient_dtype).requires_grad_()
+        for low, size in zip((0.3, 0.6), sizes, strict=True)
+    )
     bias = make_layout(shape[-1:], "contiguous", dtype, device, generator).requires_grad_() if with_bias else None
     grad_y = make_layout(shape, "contiguous", dtype, device, generator)
     beta, eps = 0.5, float(torch.tensor(-1e-6))  # (as fusedact holds them below float64: fp32 numbers)
@@ -180,7 +186,7 @@ def test_xielu_coefficients(shape, layout, size, dtype, with_bias, device):
         ("alpha_p", alpha_p, grad_alpha_p_ref, torch.where(z > 0, g * z * z, 0.0)),
         ("alpha_n", alpha_n, grad_alpha_n_ref, torch.where(z > 0, 0.0, g * (torch.expm1(m) - z))),
     ):
-        if size == 1:
+        if coefficient.numel() == 1:
             allowed = 2e-6 * terms.abs().sum() + (floor * torch.ones_like(z)).sum()
         else:
             allowed = channel_floor(terms, floor, dim)
@@ -188,6 +194,33 @@ def test_xielu_coefficients(shape, layout, size, dtype, with_bias, device):
         assert_close(coefficient.grad, expected, allowed, f"grad_{name}")
     if with_bias:
         assert_close(bias.grad, grad_bias_ref, channel_floor(grad_x_ref, floor, dim), "grad_bias")
+
+
+@pytest.mark.parametrize("shared", ["alpha_p", "alpha_n"])
+def test_xielu_shared_coefficient_beside_per_channel_rounds_once(shared, device):
+    """One coefficient shared, the other per channel, both bf16: the shared one's gradient is the fp32 sum
+    of every element's term, rounded once (within 0.5 bf16 ULP of float64, plus the fp32 sum's error),
+    not 512 per-channel sums rounded to bf16 and added in bf16 (7 ULPs off at seed 4)."""
+    width = 512
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        x = (2 * torch.randn(8, width, generator=generator)).to(device, torch.bfloat16)
+        grad_y = torch.randn(8, width, generator=generator).to(device, torch.bfloat16)
+        sizes = {"alpha_p": 1, "alpha_n": 1, shared: 1}
+        sizes["alpha_n" if shared == "alpha_p" else "alpha_p"] = width
+        alpha_p = torch.full((sizes["alpha_p"],), 0.5, dtype=torch.bfloat16, device=device, requires_grad=True)
+        alpha_n = torch.full((sizes["alpha_n"],), 0.7, dtype=torch.bfloat16, device=device, requires_grad=True)
+        eps = float(torch.tensor(-1e-6))
+        fusedact.xielu(x, alpha_p=alpha_p, alpha_n=alpha_n, eps=eps).backward(grad_y)
+        z, g = x.double().cpu(), grad_y.double().cpu()
+        if shared == "alpha_p":
+            terms, coefficient = torch.where(z > 0, g * z * z, 0.0), alpha_p
+        else:
+            terms, coefficient = torch.where(z > 0, 0.0, g * (torch.expm1(z.clamp(max=eps)) - z)), alpha_n
+        expected = terms.sum().reshape(1)
+        allowed = 0.5 * ulp(expected, torch.bfloat16) + 2e-6 * terms.abs().sum()
+        error = (coefficient.grad.double().cpu() - expected).abs()
+        assert error <= allowed, f"seed {seed}: grad_{shared} {coefficient.grad.item()} vs {expected.item()}"
 
 
 def test_xielu_coefficients_at_infinities(device):

@@ -252,7 +252,13 @@ def xielu(
     _check_bias(bias, x, width, "bias", "x")
     weights = [_xielu_parameter(value, name, x, width) for value, name in ((alpha_p, "alpha_p"), (alpha_n, "alpha_n"))]
     if weights[0].numel() != weights[1].numel():  # the kernels lay both out alike: one per channel each
-        weights = [w.expand(width) for w in weights]
+        # The shared one is widened first to the compute dtype (exact): its per-channel gradients then come
+        # back unrounded and autograd sums them there, rounding once to its dtype (not C roundings, then a
+        # sum in bf16).
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        weights = [
+            w if w.numel() == width else w.to(torch.promote_types(w.dtype, compute)).expand(width) for w in weights
+        ]
     # beta and eps as the kernels hold them: fp32 numbers (the negative side sums in fp64 with beta in it)
     beta, eps = float(beta), float(eps)
     if x.dtype != torch.float64:
