@@ -23,6 +23,8 @@ CHANNEL_CASES = [
     ((5, 9), 1, "contiguous"),  # the last dimension, spelled dim=1
     ((2, 3, 1, 1), 1, "contiguous"),  # 1x1 spatial: channels are the columns
     ((1, 40, 13, 11), 1, "sliced"),  # a slice of the batch: rows by stride, 143-wide rows, many row blocks
+    ((2, 8, 2, 5), 1, "permuted"),  # batch and channels swapped: channels not innermost, one copy, contiguous
+    ((8, 64), 0, "transposed_2d"),  # x.t() with a bias on dim 0: channels innermost, result laid out like x
 ]
 CHANNEL_ACTIVATIONS = [("relu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}), ("sigmoid", {}),
                        ("leaky_relu", {"negative_slope": -0.2}), ("hardswish", {}),
@@ -41,6 +43,10 @@ def make_layout(shape, layout, dtype, device, generator):
         return randn(shape[0], shape[2], shape[1]).transpose(1, 2)
     if layout == "sliced":
         return randn(shape[0] + 2, *shape[1:])[1 : 1 + shape[0]]
+    if layout == "permuted":
+        return randn(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    if layout == "transposed_2d":
+        return randn(shape[1], shape[0]).t()
     raise ValueError(layout)
 
 
@@ -82,7 +88,9 @@ def test_channel_bias(activation, params, dtype, shape, dim, layout, device):
     if layout == "channels_last":  # the memory format is kept, as PyTorch's elementwise ops keep it
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert x.grad.is_contiguous(memory_format=torch.channels_last)
-    elif layout == "contiguous":
+    elif layout == "transposed_2d":  # channels innermost in memory: kept, as PyTorch's elementwise ops keep it
+        assert y.stride() == x.stride() and x.grad.stride() == x.stride()
+    elif layout in ("contiguous", "permuted"):  # (permuted: differences.py, output_layout)
         assert y.is_contiguous()
 
 

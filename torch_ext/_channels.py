@@ -7,8 +7,9 @@ dimensions after it). Three layouts, chosen from shape and strides alone, so a f
 - ``inner == 1`` (the bias on the last dimension, the Linear case): ``[M, C]``, channels along the columns.
 - channels in rows: ``x`` views as ``[outer * C, inner]`` with unit column stride (a contiguous NCHW conv
   output): row ``r`` is channel ``r % C``.
-- channels-last: ``x`` with ``dim`` moved last views as ``[M, C]`` (``torch.channels_last``): columns again,
-  and the output keeps that memory format, as PyTorch's elementwise ops do.
+- channels-last: ``x`` with ``dim`` moved last views as ``[M, C]`` with the channels adjacent in memory
+  (``torch.channels_last``, or a transposed ``[C, M]``): columns again, and the output keeps that memory
+  format, as PyTorch's elementwise ops do.
 
 Anything else is copied once into the rows layout: never a wrong answer.
 """
@@ -40,7 +41,16 @@ def channels_along_rows(x: Tensor, dim: int) -> bool:
         return False
     if _can_view(x, -1, inner) and x.view(-1, inner).stride(1) == 1:
         return True
-    return not _can_view(x.movedim(dim, -1), -1, x.shape[dim])
+    return not _channels_last(x, dim)
+
+
+def _channels_last(x: Tensor, dim: int) -> bool:
+    """Whether ``x`` with ``dim`` moved last views as ``[M, C]`` with the channels adjacent in memory (a
+    permuted ``x`` whose channels are not innermost is not: it is copied into the rows layout, and its
+    result is contiguous)."""
+    moved = x.movedim(dim, -1)
+    num_channels = x.shape[dim]
+    return _can_view(moved, -1, num_channels) and (num_channels == 1 or moved.view(-1, num_channels).stride(1) == 1)
 
 
 def output_is_contiguous(x: Tensor, dim: int) -> bool:

@@ -239,10 +239,12 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         name="output_layout",
         functions=("*",),
-        summary="outputs are contiguous (channels-last with a channel bias stays channels-last), where "
-        "PyTorch's elementwise ops keep a permuted input's strides",
+        summary="outputs are contiguous (an input whose channel dimension is innermost in memory, as "
+        "channels-last with a channel bias, keeps it innermost), where PyTorch's elementwise ops keep a permuted "
+        "input's strides",
         pytorch="F.relu(x.t()) is laid out like x.t() (an elementwise op keeps a dense permuted layout)",
-        fusedact="a contiguous result (a channels-last input with a channel bias gives a channels-last one)",
+        fusedact="a contiguous result (a channels-last input with a channel bias gives a channels-last one, "
+        "and x.t() with a bias on dim 0 a result laid out like x.t())",
         reason="the kernels write one dense layout; values are the same and the next op reads any strides",
     ),
     Difference(
