@@ -60,7 +60,7 @@ GATED_CASES = [
 ]
 _GATED_FUNCTION = {"silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid"}
 # Backend -> stride through the values (1: all of them).
-STRIDE = {"torch": 1, "triton-interpreter": 5, "gpu-model": 5, "cuda": 1}
+STRIDE = {"torch": 1, "compiled": 1, "triton-interpreter": 5, "gpu-model": 5, "cuda": 1}
 BACKENDS = ["torch"] + (["triton-interpreter"] if HAS_INTERPRETER else []) + (["cuda"] if HAS_CUDA else [])
 
 
@@ -169,7 +169,7 @@ def check(results, what):
 @contextlib.contextmanager
 def backend(name):
     previous = fusedact.get_cpu_backend()
-    fusedact.set_cpu_backend("torch" if name == "torch" else "triton")
+    fusedact.set_cpu_backend(name if name in ("torch", "compiled") else "triton")
     try:
         yield "cuda" if name == "cuda" else "cpu"
     finally:

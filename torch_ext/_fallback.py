@@ -31,7 +31,8 @@ pages, ``_huge_page_empty_like``). Two paths, and a third for gelu:
   (``aten.silu_backward``, ``aten.mish_backward``, the tanh form's in-place ops). Where the kernels evaluate
   erfc with their own fit of erfcx (Triton's interpreter has no libdevice), the twin calls
   ``torch.special.erfc`` (within an fp32 ULP above the tail, and ~20x cheaper than PyTorch's erfcx) and, in
-  the tail, ``torch.special.erfcx`` times the scaled gaussian, accurate in fp64 too, and where they evaluate
+  the tail, ``torch.special.erfcx`` times the scaled gaussian, accurate in fp64 too (compiled by inductor,
+  ``_compiled.py``, it evaluates the kernels' fit, which fuses into one loop), and where they evaluate
   log1p by its series, ``torch.log1p``. Every constant of the twin (clamps, scaling thresholds) holds in fp64
   as well. xIELU's negative side is summed in fp64, as in the kernels (its two terms cancel where it crosses
   0).
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _compiled
 from ._channels import channel_shape, reduce_to_channels
 
 _LOG2E = 1.4426950408889634
@@ -66,6 +68,21 @@ _GELU_TANH_3B = 0.21406444881780076
 _GELU_TANH_CLAMP = 40.0
 _GELU_CLAMP = 40.0
 _GELU_TAIL = -12.8
+# The kernels' fit: erfcx(a) (1 + 2a) = P((a - 2) / (a + 2)) on a in [0, 15 / sqrt 2], constant term first.
+_ERFCX_CLAMP = 15.0
+_ERFCX_K = 2.0
+_ERFCX_P = (
+    1.2769783735275269,
+    -0.0927640050649643,
+    -0.166031613945961,
+    0.164055734872818,
+    -0.05420215427875519,
+    -0.008061137981712818,
+    0.008623635396361351,
+    0.001312265289016068,
+    -0.0012203205842524767,
+    -0.00039490338531322777,
+)
 _SELU_ALPHA = 1.6732632423543772
 _SELU_SCALE = 1.0507009873554805
 _SELU_NEGATIVE = 1.7580993408473766
@@ -521,15 +538,34 @@ def _gelu_tanh_logit(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _gelu_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     tail = z < _GELU_TAIL
     gaussian = _exp2_scaled(-(z * z) * _HALF_LOG2E, tail)
-    # erfc(a) = exp(-a^2) erfcx(a): the kernels fit erfcx. Here PyTorch's erfc above the tail (within an fp32
-    # ULP until it leaves the normal range at a = 9.2, and ~20x cheaper than its erfcx), and in the tail its
-    # erfcx times the scaled gaussian, as the kernels.
-    a = z.abs() * _SQRT_HALF
-    erfc = torch.special.erfc(a)
-    if bool(tail.any()):  # (rare: erfcx costs ~20 erfc, so it runs on the tail's elements alone)
-        erfc = erfc.index_put((tail,), torch.special.erfcx(a[tail]) * gaussian[tail])
-    half_erfc = 0.5 * erfc
+    if torch.compiler.is_compiling() and z.dtype != torch.float64:  # (the compiled CPU path, _compiled.py)
+        half_erfc = _half_erfc_fit(z, gaussian)
+    else:
+        # erfc(a) = exp(-a^2) erfcx(a): PyTorch's erfc above the tail (within an fp32 ULP until it leaves the
+        # normal range at a = 9.2; one op where the kernels' fit takes twenty), and in the tail its erfcx times
+        # the scaled gaussian, as the kernels.
+        a = z.abs() * _SQRT_HALF
+        erfc = torch.special.erfc(a)
+        if bool(tail.any()):  # (rare: erfcx costs ~20 erfc, so it runs on the tail's elements alone)
+            erfc = erfc.index_put((tail,), torch.special.erfcx(a[tail]) * gaussian[tail])
+        half_erfc = 0.5 * erfc
     return torch.where(z < 0, half_erfc, 1.0 - half_erfc), _INV_SQRT_2PI * gaussian, tail
+
+
+def _half_erfc_fit(z: Tensor, gaussian: Tensor) -> Tensor:
+    """erfc(|z| / sqrt 2) / 2 (scaled as ``gaussian`` is, by 2^64 in the tail) by the kernels' fit of erfcx,
+    line for line: branch-free, so inductor fuses it into one loop. In fp32 it is within the kernels'
+    accuracy, which is the fallback's bound too (8 fp32 ULPs plus 3 times the condition number: an fp32
+    z^2 moves exp(-z^2 / 2) by ~z^2 ULPs, where PyTorch's erfc is within one or two)."""
+    a = torch.where(z.abs() < _ERFCX_CLAMP, z.abs(), _ERFCX_CLAMP) * _SQRT_HALF  # (NaN flows through exp)
+    plus_k = a + _ERFCX_K
+    one_plus_2a = 1.0 + 2.0 * a
+    reciprocal = 1.0 / (plus_k * one_plus_2a)  # one division for both t and 1 / (1 + 2a)
+    t = (a - _ERFCX_K) * one_plus_2a * reciprocal
+    p = t * _ERFCX_P[-1] + _ERFCX_P[-2]
+    for coefficient in reversed(_ERFCX_P[:-2]):
+        p = p * t + coefficient
+    return p * (0.5 * plus_k * reciprocal) * gaussian
 
 
 def _mish_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -827,6 +863,9 @@ def bias_act(
     param2: float,
     dim: int,
 ) -> Tensor:
+    compiled = _compiled.bias_act(x, bias, weight, weight2, activation, param, param2, dim)
+    if compiled is not None:
+        return compiled
     dim = _last_as_minus_one(dim, x)
     (y,), _ = _piecewise(_bias_act_whole, (x,), (bias, weight, weight2, activation, param, param2, dim), dim, (x,))
     return y
@@ -862,6 +901,12 @@ def bias_act_backward(
     compute_grad_bias: bool,
     compute_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    compiled = _compiled.bias_act_backward(
+        grad_y, saved, bias, weight, weight2, activation, param, param2, dim, saved_is_output, compute_grad_bias
+    )
+    if compiled is not None:
+        grad_x, grad_bias = compiled
+        return (grad_x, *_rounded([grad_bias], (bias,)), saved.new_empty(0), saved.new_empty(0))
     dim = _last_as_minus_one(dim, saved)
     args = (
         bias,

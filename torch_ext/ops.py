@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _channels, _fallback
+from . import _channels, _compiled, _fallback
 
 try:
     from . import _triton
@@ -58,17 +58,27 @@ _cpu_backend = "triton" if (_triton is not None and _KERNELS_INTERPRETED and not
 
 
 def set_cpu_backend(backend: str) -> None:
-    """Choose what runs CPU tensors: ``"torch"`` (the fallback) or ``"triton"`` (the kernels, interpreted).
+    """Choose what runs CPU tensors: ``"torch"`` (the fallback), ``"compiled"`` (the fallback, with the smooth
+    activations' large bias_act calls compiled by TorchInductor into fused loops: faster, needs a C++
+    compiler, compiles on first use; see torch_ext/_compiled.py) or ``"triton"`` (the kernels, interpreted).
 
     ``"triton"`` needs ``TRITON_INTERPRET=1`` in the environment before fusedact is first imported.
+
+    >>> fusedact.set_cpu_backend("compiled")
+    >>> fusedact.get_cpu_backend()
+    'compiled'
+    >>> fusedact.set_cpu_backend("torch")
     """
     global _cpu_backend
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    if backend not in ("torch", "compiled", "triton"):
+        raise ValueError(f"backend must be 'torch', 'compiled' or 'triton', got {backend!r}")
     if backend == "triton" and (_triton is None or not _KERNELS_INTERPRETED):
         raise RuntimeError("the 'triton' CPU backend needs triton and TRITON_INTERPRET=1 set before import")
     if backend == "triton" and interpreter_problem():
         raise RuntimeError(f"the 'triton' CPU backend cannot run here: {interpreter_problem()}")
+    if backend == "compiled" and _compiled.problem():
+        raise RuntimeError(f"the 'compiled' CPU backend cannot run here: {_compiled.problem()}")
+    _compiled.enable(backend == "compiled")
     _cpu_backend = backend
 
 
