@@ -184,6 +184,12 @@ def build_parser(op_names: Sequence[str]) -> argparse.ArgumentParser:
     )
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, metavar="SECTION", help=" ".join(SECTIONS))
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if available")
+    parser.add_argument(
+        "--cpu-backend",
+        choices=["torch", "compiled"],
+        default="torch",
+        help="what runs fusedact on the CPU: the fallback (torch) or its compiled path (fusedact.set_cpu_backend)",
+    )
     parser.add_argument("--quick", action="store_true", help="one shape, shorter timing")
     parser.add_argument(
         "--rep-ms", type=float, help="ms of calls per timing (GPU: 25, quick 20; CPU: rounds' budget, 100, quick 20)"
@@ -247,6 +253,13 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, torch.device, argparse.Na
     args = parser.parse_args(argv)
     device = resolve_device(parser, args.device, args.plan)
     notes = []
+    if args.cpu_backend == "compiled":
+        previous = fusedact.get_cpu_backend()
+        try:
+            fusedact.set_cpu_backend("compiled")
+        except RuntimeError as error:
+            parser.error(f"--cpu-backend compiled: {error}")
+        fusedact.set_cpu_backend(previous)
 
     default_ops = DEFAULT_OPS if device.type == "cuda" else CPU_DEFAULT_OPS
     op_names = tuple(ops) if args.ops and "all" in args.ops else tuple(args.ops or default_ops)
@@ -409,6 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(plan(settings, device))
         return 0
     metadata = environment(device, argv)
+    metadata["cpu_backend"] = args.cpu_backend
     out_dir = out_dir_from(args.out, metadata)
     gpu = device.type == "cuda"
     report = {
@@ -445,14 +459,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(" | ".join(f"{key}: {metadata[key]}" for key in ("torch", "triton", "fusedact", "git_commit")))
     print(f"timing: {metadata['timing']}")
     if not gpu:
-        print(f"note: {CPU_NOTE}.")
+        print(f"note: {CPU_NOTE}; fusedact's CPU backend: {args.cpu_backend}.")
     for note in notes:
         print(f"note: {note}")
     print(f"writing to {out_dir}/", flush=True)
 
     torch.manual_seed(0)
     previous_cpu_backend = fusedact.get_cpu_backend()
-    fusedact.set_cpu_backend("torch")  # CPU numbers are the fallback's, as labelled, even under TRITON_INTERPRET=1
+    # CPU numbers are the fallback's (or its compiled path's), as labelled, even under TRITON_INTERPRET=1
+    fusedact.set_cpu_backend(args.cpu_backend)
     try:
         run_sections(settings, device, report, save)
     except KeyboardInterrupt:  # SIGINT (bench.gpu_run's time box): write what was measured, then stop

@@ -523,6 +523,30 @@ def test_quick_cpu_run_writes_every_report(tmp_path):
         assert any("matplotlib" in note for note in report["notes"])
 
 
+def test_cpu_backend_compiled_runs_the_compiled_path_and_says_so(tmp_path, capsys, monkeypatch):
+    """``--cpu-backend compiled``: fusedact's CPU numbers are the compiled path's (it ran, on a point above
+    its size floor), the report says which backend, and the previous backend is back afterwards; where this
+    PyTorch cannot compile it, a clear argument error instead."""
+    main = import_bench("__main__").main
+    argv = ["--device", "cpu", "--quick", "--sections", "sweep", "--ops", "gelu", "--dtypes", "fp32"]
+    argv += ["--shapes", "256x512", "--modes", "fwd", "--rep-ms", "1", "--out", str(tmp_path), "--formats", "json"]
+    from fusedact import _compiled
+
+    if _compiled.problem() is not None:
+        with pytest.raises(SystemExit):
+            main([*argv, "--cpu-backend", "compiled"])
+        assert "--cpu-backend compiled: the 'compiled' CPU backend cannot run here" in capsys.readouterr().err
+        return
+    ran = []
+    call = _compiled._call
+    monkeypatch.setattr(_compiled, "_call", lambda *args: ran.append(args[0].__name__) or call(*args))
+    previous = fusedact.get_cpu_backend()
+    assert main([*argv, "--cpu-backend", "compiled"]) == 0
+    assert "fusedact's CPU backend: compiled" in capsys.readouterr().out and "_forward" in ran
+    assert json.loads((tmp_path / "cpu.json").read_text())["metadata"]["cpu_backend"] == "compiled"
+    assert fusedact.get_cpu_backend() == previous and not _compiled._enabled
+
+
 def test_a_compile_that_would_overshoot_the_time_limit_is_left_out(tmp_path, capsys):
     """The CPU's first estimate of a compile (two graphs, 30 s each) does not fit in 20 s: the point runs
     without torch.compile, and says so."""
