@@ -14,10 +14,10 @@ Costs: a C++ compiler at run time (inductor's), and a compilation per activation
 dtypes on first use (on a 2-core machine 7-23 s for a process's first, inductor's start-up included, 2-6 s
 for later ones, under 1 s from inductor's cache on disk, which later processes reuse).
 So the path is opt-in, and where compiling fails (no compiler) it warns once and the fallback runs instead.
-Everything else (small tensors, fp64, PReLU and xIELU, a backward autograd records, the gated ops, the
-activations whose PyTorch op is already exact) takes the fallback, whose results these match within the
-same accuracy bounds (tests/test_compiled.py). Inductor builds with ``-fno-signed-zeros``; the limits the
-careful formulas give at -0.0 and +-inf are checked there too.
+Everything else (small tensors, fp64, a backward autograd records, the gated ops, the other activations:
+SiLU's and sigmoid's PyTorch ops are faster still, the rest have no careful formula) takes the fallback,
+whose results these match within the same accuracy bounds (tests/test_compiled.py). Inductor builds with
+``-fno-signed-zeros``; the limits the careful formulas give at -0.0 and +-inf are checked there too.
 """
 
 import contextlib
@@ -50,7 +50,7 @@ _failure: Optional[str] = None  # why compiling failed (then the fallback runs),
 def problem() -> Optional[str]:
     """Why this PyTorch cannot run the compiled path, or None. Before its ``_get_ffast_math_flags`` (PyTorch
     2.5 and older), inductor built CPU code with ``-ffast-math``, whose runtime library sets flush-to-zero
-    in the thread that loads it: subnormal results (GELU's and SiLU's far tails, which the careful formulas
+    in the thread that loads it: subnormal results (GELU's and Mish's far tails, which the careful formulas
     keep) would become 0 there, and so would every later op of that thread."""
     try:
         from torch._inductor import cpp_builder
@@ -125,8 +125,8 @@ def _call(function, activation: str, *args):
     dtypes = tuple(a.dtype if isinstance(a, Tensor) else None for a in args[:3])
     try:
         # Floats as constants, not inputs: where they are symbolic (specialize_float=False, PyTorch 2.14's
-        # default) inductor passes every coefficient in as a double, and the fused gelu forward (bf16,
-        # [8192, 4096], into an output already written) took 37 ms instead of 17.
+        # default) inductor passes every coefficient in as a double (the fit's cdf, bf16 [8192, 4096], into an
+        # output already written: 37 ms instead of 17).
         with _specialized_floats():
             return _compiled(function, activation, dtypes)(*args)
     except Exception as error:

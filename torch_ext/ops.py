@@ -58,8 +58,8 @@ _cpu_backend = "triton" if (_triton is not None and _KERNELS_INTERPRETED and not
 
 
 def set_cpu_backend(backend: str) -> None:
-    """Choose what runs CPU tensors: ``"torch"`` (the fallback), ``"compiled"`` (the fallback, with the smooth
-    activations' large bias_act calls compiled by TorchInductor into fused loops: faster, needs a C++
+    """Choose what runs CPU tensors: ``"torch"`` (the fallback), ``"compiled"`` (the fallback, with the large
+    bias_act calls of GELU, Mish and softplus compiled by TorchInductor into fused loops: faster, needs a C++
     compiler, compiles on first use; see torch_ext/_compiled.py) or ``"triton"`` (the kernels, interpreted).
 
     ``"triton"`` needs ``TRITON_INTERPRET=1`` in the environment before fusedact is first imported.
