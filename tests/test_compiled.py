@@ -69,7 +69,8 @@ def test_edges(case, dtype, compiled):
 
 
 def _reference(x, bias, function, params, dim, grad):
-    """(z, y, grad_x, grad_bias) in float64: z = x + bias, the exact activation of z and its gradients."""
+    """(z, y, grad_x, grad_bias, sum of |grad_x| per channel) in float64: z = x + bias, the exact activation
+    of z, its gradients and the magnitude the bias gradient's terms add up to."""
     shape = [-1 if d == dim else 1 for d in range(x.dim())]
     z = x.double() + bias.double().reshape(shape)
     value, slope = exact_activation(z, function, params)
