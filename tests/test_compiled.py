@@ -184,6 +184,22 @@ def test_past_dynamos_recompile_limit_a_call_takes_the_fallback(compiled, monkey
     assert torch.equal(transposed, fusedact.softplus(x.t().contiguous().t(), bias=bias))  # the fallback's bits
 
 
+def test_a_piece_the_compiled_code_cannot_take_runs_the_fallback(monkeypatch):
+    """Where the compiled call gives up on a piece of the backward (past the recompile limit), the fallback
+    computes that piece: grad_x and the bias gradient are then the fallback's own, bit for bit."""
+    monkeypatch.setattr(_compiled, "_call", lambda *args: None)
+    monkeypatch.setattr(_compiled, "_enabled", True)
+    monkeypatch.setattr(_compiled, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(_fallback, "CHUNK_ELEMENTS", 4096)  # several pieces
+    torch.manual_seed(3)
+    grad, x, bias = torch.randn(64, 256), torch.randn(64, 256) * 3, torch.randn(256)
+    args = (grad, x, bias, None, None, "gelu", 0.0, 0.0, -1, False, True)
+    grad_x, grad_bias = _compiled.bias_act_backward(*args)
+    monkeypatch.setattr(_compiled, "_enabled", False)
+    expected = _fallback.bias_act_backward(*args, False)
+    assert torch.equal(grad_x, expected[0]) and torch.equal(grad_bias, expected[1])
+
+
 def test_small_tensors_and_other_activations_take_the_fallback(monkeypatch):
     """Below MIN_ELEMENTS, for activations whose PyTorch op is exact already, and for a backward autograd
     records (double backward), the fallback runs: nothing is compiled."""

@@ -91,15 +91,15 @@ def _applies(activation: str, tensors: tuple[Tensor, ...], weights: tuple[Option
 
 
 def _forward(x: Tensor, bias: Optional[Tensor], activation: str, param: float, param2: float) -> Tensor:
-    z = x.to(torch.float32) if bias is None else x.to(torch.float32) + bias.to(torch.float32)
+    z = _fallback._with_bias(x, bias)
     return _fallback._careful_forward(z, activation, param, param2).to(x.dtype)
 
 
 def _gradient(grad_y: Tensor, saved: Tensor, bias: Optional[Tensor], activation: str, param: float,
               param2: float) -> Tensor:  # fmt: skip
     """grad_y * f'(saved + bias), in fp32."""
-    z = saved.to(torch.float32) if bias is None else saved.to(torch.float32) + bias.to(torch.float32)
-    return _fallback._careful_backward(grad_y.to(torch.float32), z, activation, param, param2)
+    z = _fallback._with_bias(saved, bias)
+    return _fallback._careful_backward(grad_y.to(z.dtype), z, activation, param, param2)
 
 
 def _gradient_rounded(grad_y: Tensor, saved: Tensor, bias: Optional[Tensor], activation: str, param: float,
@@ -193,7 +193,6 @@ def _gradient_piece(grad_y, saved, bias, activation, param, param2, dim) -> tupl
     grad_x = _call(_gradient, activation, grad_y, saved, _fallback._along(bias, saved, dim), activation, param,
                    param2)  # fmt: skip
     if grad_x is None:
-        grad_x = _fallback._bias_act_backward_whole(
-            grad_y, saved, bias, None, None, activation, param, param2, dim, False, True, False
-        )[0]
+        args = (bias, None, None, activation, param, param2, dim, False, True, False)
+        return _fallback._bias_act_backward_whole(grad_y, saved, *args)[:2]
     return grad_x, _fallback._channel_sum(grad_x, bias, True, dim)
